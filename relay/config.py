@@ -1,0 +1,326 @@
+"""Configuration: frozen pydantic models, a TOML file, and `RELAY_<SECTION>__<KEY>` overrides.
+
+Every default lives in a model. Unknown keys are errors that name the key and the file.
+Durations are written `"2s"`, `"15m"`, `"24h"`, `"7d"` or as a number of seconds and are
+held as float seconds. Sizes are bytes or `"10MB"`/`"512KiB"`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from relay.errors import ConfigError
+from relay.model import DaneMode
+
+DEFAULT_CONFIG = Path("config/relay.toml")
+ENV_PREFIX = "RELAY_"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 10**6, "mib": 2**20,
+               "gb": 10**9, "gib": 2**30}
+
+
+def parse_duration(value: Any) -> float:
+    """`"15m"` → 900.0; numbers are seconds. Raises ValueError naming the bad value."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"duration must not be negative: {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"not a duration: {value!r} (use e.g. \"30s\", \"15m\", \"24h\" or seconds)")
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def parse_size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must not be negative: {value!r}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            unit = m.group(2).lower() if m.group(2) else None
+            return int(m.group(1)) * _SIZE_UNITS[unit]
+    raise ValueError(f"not a size: {value!r} (use bytes or e.g. \"10MB\", \"512KiB\")")
+
+
+def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(value, str):
+        raise ValueError(f"not a network: {value!r}")
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"not a network: {value!r} ({exc})") from None
+
+
+def _hostport(value: Any) -> str:
+    """`"ip"` or `"ip:port"` / `"[v6]:port"`; validated, returned as written."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"not an address: {value!r}")
+    split_hostport(value, 53)
+    return value
+
+
+def split_hostport(value: str, default_port: int) -> tuple[str, int]:
+    """`"127.0.0.1:5353"` → ("127.0.0.1", 5353); `"::1"` → ("::1", default)."""
+    host, port = value, default_port
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"not an address: {value!r}")
+            port = int(rest[1:])
+    elif value.count(":") == 1:
+        host, _, p = value.partition(":")
+        port = int(p)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {value!r}")
+    return host, port
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
+HostPort = Annotated[str, BeforeValidator(_hostport)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(2525, ge=0, lt=65536)
+    hostname: str | None = None  # name in the banner and Received:; default: the FQDN
+    allowed_networks: tuple[Network, ...] = ("127.0.0.0/8", "::1/128")  # type: ignore[assignment]
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    users_file: Path | None = None  # "user:<hash>" lines, see `relay passwd`
+    max_message_size: Size = 10_240_000  # Postfix's message_size_limit
+    max_recipients: int = Field(1000, ge=1)  # Postfix's smtpd_recipient_limit
+    max_connections: int = Field(200, ge=1)
+    max_connections_per_ip: int = Field(50, ge=1)  # Postfix's client connection limit
+    command_timeout: Duration = 300.0  # Postfix's smtpd_timeout
+    data_timeout: Duration = 600.0
+    max_line_length: int = Field(4096, ge=1000)
+
+
+class QueueConfig(_Section):
+    path: Path = Path("queue/relay.db")
+    trace_retention: Duration = 7 * 86400.0
+    commit_batch: int = Field(512, ge=1)  # most messages in one group commit
+
+
+class DnsConfig(_Section):
+    nameservers: tuple[HostPort, ...] = ()  # empty: the system's (/etc/resolv.conf)
+    timeout: Duration = 10.0  # per lookup
+    require_validating_resolver: bool = True
+    max_mx_hosts: int = Field(10, ge=1)
+    max_addresses_per_host: int = Field(8, ge=1)
+    max_records_per_rrset: int = Field(100, ge=1)
+    max_cname_chain: int = Field(8, ge=1)
+    cache_max_ttl: Duration = 3600.0
+    tlsa_cache_max_ttl: Duration = 300.0
+    failure_cache_ttl: Duration = 5.0
+
+
+class DaneConfig(_Section):
+    ee_check_expiry: bool = False  # RFC 7672 §3.1.1 says no; the source service says yes
+    max_records: int = Field(20, ge=1)
+    max_chain_length: int = Field(10, ge=1)
+
+
+class DomainPolicy(_Section):
+    dane: DaneMode = DaneMode.OPPORTUNISTIC
+
+
+class RouteConfig(_Section):
+    domain: str  # "example.org", or ".example.org" for its subdomains too
+    hosts: tuple[str, ...]  # "host" or "host:port", tried in order
+    tls: Literal["dane", "encrypt", "may", "none"] = "dane"
+    # dane: DANE where the route host has secure TLSA records, else opportunistic TLS
+
+
+class DeliveryConfig(_Section):
+    enabled: bool = True
+    port: int = Field(25, gt=0, lt=65536)
+    retry_schedule: tuple[Duration, ...] = Field((900.0,), min_length=1)
+    max_lifetime: Duration = 86400.0
+    helo_name: str | None = None  # default: listener.hostname
+    max_connections: int = Field(100, ge=1)
+    max_connections_per_domain: int = Field(10, ge=1)
+    max_recipients_per_transaction: int = Field(100, ge=1)
+    ipv4: bool = True
+    ipv6: bool = True
+    lease: Duration = 600.0  # work claimed by a process that dies returns after this
+    poll_interval: Duration = 1.0
+    connect_timeout: Duration = 30.0
+    greeting_timeout: Duration = 300.0  # RFC 5321 §4.5.3.2.1: 5 minutes
+    mail_timeout: Duration = 300.0
+    rcpt_timeout: Duration = 300.0
+    data_init_timeout: Duration = 120.0
+    data_block_timeout: Duration = 180.0
+    data_end_timeout: Duration = 600.0
+    tls_timeout: Duration = 60.0
+    min_tls_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class NdrConfig(_Section):
+    enabled: bool = True
+    postmaster: str | None = None  # where a failed NDR goes once
+    delay_warning: Duration | None = None  # e.g. "4h"; off by default
+    reporting_mta: str | None = None  # default: listener.hostname
+
+
+class MetricsConfig(_Section):
+    listen: HostPort | None = None
+
+
+class LogConfig(_Section):
+    format: Literal["json", "text"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Section):
+    listener: ListenerConfig = ListenerConfig()
+    queue: QueueConfig = QueueConfig()
+    dns: DnsConfig = DnsConfig()
+    dane: DaneConfig = DaneConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    ndr: NdrConfig = NdrConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+    domains: dict[str, DomainPolicy] = {}
+    routes: tuple[RouteConfig, ...] = ()
+
+
+def _env_value(raw: str) -> Any:
+    """An env value is read as a TOML value when it parses as one, else as a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name or name == "RELAY_CONFIG":
+            continue
+        section, _, key = name[len(ENV_PREFIX):].partition("__")
+        if not section or not key:
+            raise ConfigError(f"{name}: expected RELAY_<SECTION>__<KEY>", source="environment")
+        out.setdefault(section.lower(), {})[key.lower()] = _env_value(raw)
+    return out
+
+
+def _format_error(err: Any, source: str, env_keys: set[tuple[str, str]]) -> tuple[str, str]:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    where = source
+    if len(loc) >= 2 and (loc[0], loc[1]) in env_keys:
+        where = f"environment RELAY_{loc[0].upper()}__{loc[1].upper()}"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return key, f"{where}: {key}: {msg}"
+
+
+def build(data: dict[str, Any], *, source: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Validate `data` (parsed TOML) with env overrides applied on top."""
+    overrides = env_overrides(environ or {})
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    env_keys: set[tuple[str, str]] = set()
+    for section, values in overrides.items():
+        current = merged.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"{source}: {section}: must be a table", source=source, key=section)
+        current.update(values)
+        env_keys.update((section, k) for k in values)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        lines = [_format_error(e, source, env_keys) for e in exc.errors()]
+        raise ConfigError("\n".join(m for _, m in lines), source=source, key=lines[0][0]) from None
+
+
+def resolve_path(
+    cli_path: str | os.PathLike[str] | None, environ: Mapping[str, str]
+) -> tuple[Path, bool]:
+    """The config file to read and whether it was named explicitly (then it must exist)."""
+    if cli_path:
+        return Path(cli_path), True
+    if environ.get("RELAY_CONFIG"):
+        return Path(environ["RELAY_CONFIG"]), True
+    return DEFAULT_CONFIG, False
+
+
+def load(cli_path: str | os.PathLike[str] | None = None,
+         environ: Mapping[str, str] | None = None) -> Config:
+    environ = os.environ if environ is None else environ
+    path, explicit = resolve_path(cli_path, environ)
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"{path}: config file does not exist", source=str(path))
+        return build({}, source="defaults", environ=environ)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}", source=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}", source=str(path)) from None
+    return build(data, source=str(path), environ=environ)
+
+
+def dump(config: Config) -> dict[str, Any]:
+    """The effective config as plain data (durations back in their written form)."""
+
+    def conv(name: str, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: conv(k, v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [conv(name, v) for v in value]
+        if isinstance(value, float) and name in _DURATION_FIELDS:
+            return format_duration(value)
+        if isinstance(value, Path | ipaddress.IPv4Network | ipaddress.IPv6Network):
+            return str(value)
+        return value
+
+    return {k: conv(k, v) for k, v in config.model_dump(mode="python").items()}
+
+
+def _duration_fields() -> set[str]:
+    names: set[str] = set()
+    for section in (ListenerConfig, QueueConfig, DnsConfig, DeliveryConfig, NdrConfig):
+        for name, f in section.model_fields.items():
+            if "parse_duration" in repr(f.annotation) or any(
+                getattr(m, "func", None) is parse_duration for m in f.metadata
+            ):
+                names.add(name)
+    return names
+
+
+_DURATION_FIELDS = _duration_fields()

@@ -1,0 +1,93 @@
+"""JSON-lines event log with a fixed vocabulary of event names.
+
+One object per line on stdout: `{"ts": ..., "level": ..., "event": ..., ...fields}`.
+Never bodies, never credentials: callers pass only the fields below, and `event()`
+refuses names outside EVENTS so the vocabulary cannot drift silently.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from typing import Any, TextIO
+
+EVENTS: dict[str, str] = {
+    # life cycle
+    "starting": "relay serve is starting (config file, version)",
+    "listening": "the SMTP listener is bound (host, port)",
+    "resolver_check": "the resolver validation probe ran (validating, nameservers, detail)",
+    "draining": "first SIGTERM: no new sessions, open transactions finish",
+    "stopped": "the relay has stopped",
+    "storage_error": "the queue store failed a write (kind, detail)",
+    "storage_recovered": "writes succeed again after a storage error",
+    # intake
+    "connect": "a client connected (client_ip)",
+    "disconnect": "a client went away (client_ip)",
+    "auth": "SMTP AUTH attempt (client_ip, user, success) — never the password",
+    "rejected": "a command was refused (client_ip, command, reply)",
+    "received": "a message was committed to the queue (id, sender, recipients, size)",
+    # delivery
+    "attempt": "one delivery attempt to one host ended (id, domain, mx, ip, tls, dane, code)",
+    "delivered": "a recipient was delivered (id, recipient, mx, reply)",
+    "deferred": "a recipient was deferred (id, recipient, code, reply, next_attempt_at)",
+    "bounced": "a recipient bounced (id, recipient, code, reply)",
+    "expired": "a recipient's lifetime ran out (id, recipient, code)",
+    "ndr_sent": "a non-delivery report was queued (id, ndr_id, recipients)",
+    "delay_warning": "a delay warning was queued (id, warning_id)",
+    "queue_op": "an operator changed the queue (op, id)",
+    "purged": "finished messages past trace retention were removed (count)",
+    # reporting
+    "tlsrpt_sent": "a TLS report was sent (policy_domain, via)",
+    "tlsrpt_failed": "a TLS report could not be sent (policy_domain, via, detail)",
+}
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class EventLog:
+    def __init__(self, stream: TextIO | None = None, fmt: str = "json", level: str = "info"):
+        self._stream = stream
+        self._fmt = fmt
+        self._min = _LEVELS[level]
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stdout
+
+    def event(self, name: str, level: str = "info", **fields: Any) -> None:
+        if name not in EVENTS:
+            raise ValueError(f"unknown log event {name!r}")
+        if _LEVELS[level] < self._min:
+            return
+        record: dict[str, Any] = {"ts": _now(), "level": level, "event": name}
+        record.update({k: v for k, v in fields.items() if v is not None})
+        if self._fmt == "json":
+            line = json.dumps(record, default=str, ensure_ascii=False)
+        else:
+            skip = ("ts", "level", "event")
+            extras = " ".join(f"{k}={v}" for k, v in record.items() if k not in skip)
+            line = f"{record['ts']} {level.upper():7} {name:14} {extras}"
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stdout must not stop mail
+
+
+# The process-wide log; `relay serve` configures it, tests may replace it.
+log = EventLog()
+
+
+def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> EventLog:
+    global log
+    log = EventLog(stream, fmt, level)
+    return log
+
+
+def event(name: str, level: str = "info", **fields: Any) -> None:
+    log.event(name, level, **fields)

@@ -1,0 +1,177 @@
+"""Values shared by every module: statuses, DNS facts, TLSA records, outcomes.
+
+Pure: no I/O, no clock. Modules with richer private types keep them to themselves;
+what crosses a module boundary lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class RecipientStatus(StrEnum):
+    QUEUED = "queued"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+
+    @property
+    def final(self) -> bool:
+        return self in (RecipientStatus.DELIVERED, RecipientStatus.BOUNCED)
+
+
+# --- DNS -------------------------------------------------------------------------------
+
+
+class Rcode(StrEnum):
+    """The class of a DNS answer, as delivery cares about it."""
+
+    OK = "ok"
+    NODATA = "nodata"
+    NXDOMAIN = "nxdomain"
+    SERVFAIL = "servfail"
+    TIMEOUT = "timeout"
+    REFUSED = "refused"
+
+    @property
+    def failed(self) -> bool:
+        return self in (Rcode.SERVFAIL, Rcode.TIMEOUT, Rcode.REFUSED)
+
+
+@dataclass(frozen=True)
+class Ede:
+    """An Extended DNS Error (RFC 8914) sent by the resolver."""
+
+    code: int
+    text: str = ""
+
+    # EDE codes 1-12 except 3 ("Stale Answer") and 4 ("Forged Answer") are DNSSEC ones.
+    @property
+    def dnssec(self) -> bool:
+        return self.code in (1, 2, 5, 6, 7, 8, 9, 10, 11, 12)
+
+
+@dataclass(frozen=True)
+class CnameLink:
+    owner: str
+    target: str
+    secure: bool
+
+
+@dataclass(frozen=True)
+class TlsaRecord:
+    """One TLSA record as published. `data` is the certificate association data.
+
+    A record that dnspython would refuse (wrong digest length, unknown parameters) is
+    still represented here; relay.dane decides whether it is usable.
+    """
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+    def __str__(self) -> str:
+        return f"{self.usage} {self.selector} {self.mtype} {self.data.hex()}"
+
+
+@dataclass(frozen=True)
+class MxRecord:
+    preference: int
+    exchange: str  # absolute name without the trailing dot; "" for the null MX target "."
+
+
+@dataclass(frozen=True)
+class DnsAnswer:
+    """The answer to one question, with its DNSSEC state.
+
+    `secure` is True only when every link (CNAMEs included) came back with AD.
+    `records` holds MxRecord, str (addresses) or TlsaRecord values by rdtype.
+    `dnssec_failure` is True when the failure is known to be a DNSSEC one (EDE from
+    the resolver, or a re-query with CD that succeeded).
+    """
+
+    qname: str
+    rdtype: str
+    rcode: Rcode
+    secure: bool
+    records: tuple[object, ...] = ()
+    canonical_name: str = ""
+    chain: tuple[CnameLink, ...] = ()
+    ede: tuple[Ede, ...] = ()
+    dnssec_failure: bool = False
+    reason: str = ""
+
+    @property
+    def security(self) -> str:
+        """'secure', 'insecure' or 'bogus' (for traces and `relay check`)."""
+        if self.dnssec_failure:
+            return "bogus"
+        return "secure" if self.secure else "insecure"
+
+
+# --- Delivery policy --------------------------------------------------------------------
+
+
+class TlsRequirement(StrEnum):
+    """What a host demands of the TLS session."""
+
+    DANE = "dane"  # TLS mandatory + authentication against usable TLSA records
+    ENCRYPT = "encrypt"  # TLS mandatory, no authentication (TLSA present but none usable)
+    MAY = "may"  # opportunistic TLS; cleartext if STARTTLS is absent or fails
+    NONE = "none"  # cleartext only (routes that ask for it)
+
+
+class DaneMode(StrEnum):
+    """Per-domain override of the DANE policy."""
+
+    OPPORTUNISTIC = "opportunistic"  # the default: DANE where the DNS says so
+    MANDATORY = "mandatory"  # no delivery without an authenticated DANE session
+    OFF = "off"  # ignore TLSA; opportunistic TLS
+
+
+# --- Outcomes ---------------------------------------------------------------------------
+
+
+class Action(StrEnum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+
+
+class Scope(StrEnum):
+    """How far a failure reaches (as Postfix's smtp_trouble.c classifies it)."""
+
+    RECIPIENT = "recipient"
+    MESSAGE = "message"
+    SITE = "site"  # the destination host/domain
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of an attempt for one recipient: a value, never an exception."""
+
+    action: Action
+    code: str  # enhanced status code, e.g. "2.0.0", "4.7.323", "5.1.1"
+    reply: str = ""  # remote reply or our explanation
+    scope: Scope = Scope.RECIPIENT
+
+    @property
+    def final(self) -> bool:
+        return self.action is not Action.DEFERRED
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A message as accepted by the listener."""
+
+    sender: str  # "" for the null sender
+    recipients: tuple[str, ...]
+    body: bytes  # with CRLF line ends, Received header prepended, not dot-stuffed
+    smtputf8: bool = False
+    body_8bit: bool = False
+    client_ip: str = ""
+    client_helo: str = ""
+    auth_user: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Test fixtures shared by every tier: certificates, DNSSEC test bed, SMTP peers."""
