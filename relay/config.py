@@ -12,6 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -108,100 +109,185 @@ HostPort = Annotated[str, BeforeValidator(_hostport)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ListenerConfig(_Section):
+    """The SMTP listener the organization's mail servers use as their smarthost."""
+
     host: str = "127.0.0.1"
+    """Address to listen on."""
     port: int = Field(2525, ge=0, lt=65536)
-    hostname: str | None = None  # name in the banner and Received:; default: the FQDN
+    """Port to listen on."""
+    hostname: str | None = None
+    """Name in the 220 banner and in Received: headers (default: this machine's FQDN)."""
     allowed_networks: tuple[Network, ...] = ("127.0.0.0/8", "::1/128")  # type: ignore[assignment]
+    """Client networks (CIDR) allowed to relay without authentication."""
     tls_cert: Path | None = None
+    """PEM certificate chain; STARTTLS is offered when this and tls_key are set."""
     tls_key: Path | None = None
-    users_file: Path | None = None  # "user:<hash>" lines, see `relay passwd`
-    max_message_size: Size = 10_240_000  # Postfix's message_size_limit
-    max_recipients: int = Field(1000, ge=1)  # Postfix's smtpd_recipient_limit
+    """PEM private key for tls_cert."""
+    users_file: Path | None = None
+    """`user:hash` lines (made with `relay passwd USER`) for AUTH PLAIN/LOGIN after TLS."""
+    max_message_size: Size = 10_240_000
+    """Largest message accepted, in bytes or e.g. "10MB" (Postfix's message_size_limit)."""
+    max_recipients: int = Field(1000, ge=1)
+    """Recipients per message; more get 452 4.5.3 (Postfix's smtpd_recipient_limit)."""
     max_connections: int = Field(200, ge=1)
-    max_connections_per_ip: int = Field(50, ge=1)  # Postfix's client connection limit
-    command_timeout: Duration = 300.0  # Postfix's smtpd_timeout
+    """Simultaneous client connections in total; more get 421 4.7.0."""
+    max_connections_per_ip: int = Field(50, ge=1)
+    """Simultaneous connections from one client IP; more get 421 4.7.0."""
+    command_timeout: Duration = 300.0
+    """Idle time allowed between commands (Postfix's smtpd_timeout)."""
     data_timeout: Duration = 600.0
+    """Time allowed for the whole DATA phase of one message."""
     max_line_length: int = Field(4096, ge=1000)
+    """Longest command or DATA line accepted, in octets."""
 
 
 class QueueConfig(_Section):
+    """The durable SQLite queue."""
+
     path: Path = Path("queue/relay.db")
+    """The SQLite file (WAL mode, synchronous=FULL); keep it on a local disk."""
     trace_retention: Duration = 7 * 86400.0
-    commit_batch: int = Field(512, ge=1)  # most messages in one group commit
+    """How long finished messages keep their delivery trace (not their body)."""
+    commit_batch: int = Field(512, ge=1)
+    """Most messages written in one group commit."""
 
 
 class DnsConfig(_Section):
-    nameservers: tuple[HostPort, ...] = ()  # empty: the system's (/etc/resolv.conf)
-    timeout: Duration = 10.0  # per lookup
+    """The DNSSEC-validating resolver and the bounds of every lookup."""
+
+    nameservers: tuple[HostPort, ...] = ()
+    """Validating resolvers whose AD bit is trusted, "ip" or "ip:port"; empty = the system's."""
+    timeout: Duration = 10.0
+    """Time allowed for one lookup."""
     require_validating_resolver: bool = True
+    """Defer deliveries (4.4.312) while the resolver does not validate, rather than drop DANE."""
     max_mx_hosts: int = Field(10, ge=1)
+    """MX hosts considered per domain."""
     max_addresses_per_host: int = Field(8, ge=1)
+    """Addresses tried per MX host."""
     max_records_per_rrset: int = Field(100, ge=1)
+    """Records read from one RRset."""
     max_cname_chain: int = Field(8, ge=1)
+    """CNAME links followed."""
     cache_max_ttl: Duration = 3600.0
+    """Longest time an answer is cached (its TTL is honoured below this)."""
     tlsa_cache_max_ttl: Duration = 300.0
+    """Longest time a TLSA answer is cached."""
     failure_cache_ttl: Duration = 5.0
+    """How long SERVFAIL and timeouts are cached."""
 
 
 class DaneConfig(_Section):
-    ee_check_expiry: bool = False  # RFC 7672 §3.1.1 says no; the source service says yes
+    """DANE matching (RFC 7672)."""
+
+    ee_check_expiry: bool = False
+    """Fail an expired DANE-EE(3) leaf with 4.7.322 (the RFC says not to check; the source
+    service does)."""
     max_records: int = Field(20, ge=1)
+    """TLSA records considered per host."""
     max_chain_length: int = Field(10, ge=1)
+    """Certificates of a presented chain considered."""
 
 
 class DomainPolicy(_Section):
+    """Per destination domain: `[domains."example.com"]`."""
+
     dane: DaneMode = DaneMode.OPPORTUNISTIC
+    """"opportunistic" (DANE where the DNS says so), "mandatory" (never without an
+    authenticated DANE session) or "off" (ignore TLSA; opportunistic TLS)."""
 
 
 class RouteConfig(_Section):
-    domain: str  # "example.org", or ".example.org" for its subdomains too
-    hosts: tuple[str, ...]  # "host" or "host:port", tried in order
+    """A fixed next hop for a domain instead of its MX: `[[routes]]`."""
+
+    domain: str
+    """"example.org", or ".example.org" for its subdomains too."""
+    hosts: tuple[str, ...]
+    """"host" or "host:port", tried in order."""
     tls: Literal["dane", "encrypt", "may", "none"] = "dane"
-    # dane: DANE where the route host has secure TLSA records, else opportunistic TLS
+    """dane: DANE where the host has secure TLSA records, else opportunistic TLS;
+    encrypt: TLS without authentication; may: opportunistic; none: cleartext."""
 
 
 class DeliveryConfig(_Section):
+    """Outbound delivery: schedule, concurrency and the SMTP client's timeouts."""
+
     enabled: bool = True
+    """Run the delivery workers in `relay serve`."""
     port: int = Field(25, gt=0, lt=65536)
+    """Destination port of every MX host (25; tests use another)."""
     retry_schedule: tuple[Duration, ...] = Field((900.0,), min_length=1)
+    """Waits between attempts; the last entry repeats (["15m", "15m", "1h"] is the source
+    service's own schedule)."""
     max_lifetime: Duration = 86400.0
-    helo_name: str | None = None  # default: listener.hostname
+    """After this, a recipient still failing bounces with the 5.x.x form of its last code."""
+    helo_name: str | None = None
+    """Name sent in EHLO (default: listener.hostname)."""
     max_connections: int = Field(100, ge=1)
+    """Simultaneous outbound sessions in total."""
     max_connections_per_domain: int = Field(10, ge=1)
+    """Simultaneous outbound sessions per destination domain."""
     max_recipients_per_transaction: int = Field(100, ge=1)
+    """Recipients sent in one SMTP transaction."""
     ipv4: bool = True
+    """Connect over IPv4."""
     ipv6: bool = True
-    lease: Duration = 600.0  # work claimed by a process that dies returns after this
+    """Connect over IPv6."""
+    lease: Duration = 600.0
+    """Work claimed by a process that dies returns to the queue after this."""
     poll_interval: Duration = 1.0
+    """Longest sleep of the scheduler between looks at the queue."""
     connect_timeout: Duration = 30.0
-    greeting_timeout: Duration = 300.0  # RFC 5321 §4.5.3.2.1: 5 minutes
+    """TCP connect."""
+    greeting_timeout: Duration = 300.0
+    """Waiting for the 220 greeting (RFC 5321 §4.5.3.2.1: 5 minutes)."""
     mail_timeout: Duration = 300.0
+    """Reply to MAIL FROM (and EHLO)."""
     rcpt_timeout: Duration = 300.0
+    """Reply to each RCPT TO."""
     data_init_timeout: Duration = 120.0
+    """Reply to DATA."""
     data_block_timeout: Duration = 180.0
+    """Each write of the message body."""
     data_end_timeout: Duration = 600.0
+    """Reply to the final dot."""
     tls_timeout: Duration = 60.0
+    """The STARTTLS handshake."""
     min_tls_version: Literal["1.2", "1.3"] = "1.2"
+    """Lowest TLS version accepted when TLS is mandatory."""
 
 
 class NdrConfig(_Section):
+    """Non-delivery reports (RFC 3464)."""
+
     enabled: bool = True
-    postmaster: str | None = None  # where a failed NDR goes once
-    delay_warning: Duration | None = None  # e.g. "4h"; off by default
-    reporting_mta: str | None = None  # default: listener.hostname
+    """Send NDRs to the envelope sender (never to a null sender)."""
+    postmaster: str | None = None
+    """Where an NDR that itself fails goes, once; then it is dropped."""
+    delay_warning: Duration | None = None
+    """Warn the sender once a message has been delayed this long (off when unset)."""
+    reporting_mta: str | None = None
+    """Name in Reporting-MTA and the NDR's From (default: listener.hostname)."""
 
 
 class MetricsConfig(_Section):
+    """The Prometheus endpoint."""
+
     listen: HostPort | None = None
+    """"host:port" of the /metrics and /healthz endpoint; unset = off."""
 
 
 class LogConfig(_Section):
+    """The event log on stdout."""
+
     format: Literal["json", "text"] = "json"
+    """"json" (one object per line) or "text" for people."""
     level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level written."""
 
 
 class Config(_Section):
@@ -214,7 +300,9 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     domains: dict[str, DomainPolicy] = {}
+    """Per-domain DANE policy overrides."""
     routes: tuple[RouteConfig, ...] = ()
+    """Fixed next hops instead of MX."""
 
 
 def _env_value(raw: str) -> Any:
@@ -298,18 +386,24 @@ def load(cli_path: str | os.PathLike[str] | None = None,
 def dump(config: Config) -> dict[str, Any]:
     """The effective config as plain data (durations back in their written form)."""
 
-    def conv(name: str, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: conv(k, v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [conv(name, v) for v in value]
-        if isinstance(value, float) and name in _DURATION_FIELDS:
-            return format_duration(value)
-        if isinstance(value, Path | ipaddress.IPv4Network | ipaddress.IPv6Network):
-            return str(value)
-        return value
+    return {k: dump_value(k, v) for k, v in config.model_dump(mode="python").items()}
 
-    return {k: conv(k, v) for k, v in config.model_dump(mode="python").items()}
+
+def dump_value(name: str, value: Any) -> Any:
+    """One config value as plain data; `name` tells durations from other numbers."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="python")
+    if isinstance(value, dict):
+        return {k: dump_value(k, v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [dump_value(name, v) for v in value]
+    if isinstance(value, float) and name in _DURATION_FIELDS:
+        return format_duration(value)
+    if isinstance(value, Path | ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    if isinstance(value, StrEnum):
+        return value.value
+    return value
 
 
 def _duration_fields() -> set[str]:
