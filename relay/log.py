@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 EVENTS: dict[str, str] = {
@@ -82,6 +83,10 @@ class EventLog:
 # The process-wide log; `relay serve` configures it, tests may replace it.
 log = EventLog()
 
+# Observers see every event (whatever the level), e.g. the Prometheus counters.
+Observer = Callable[[str, dict[str, Any]], None]
+observers: list[Observer] = []
+
 
 def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> EventLog:
     global log
@@ -91,3 +96,8 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
 
 def event(name: str, level: str = "info", **fields: Any) -> None:
     log.event(name, level, **fields)
+    for observer in observers:
+        try:
+            observer(name, fields)
+        except Exception:  # metrics must never stop mail
+            pass

@@ -1,0 +1,148 @@
+"""Prometheus metrics and `/healthz`, fed by the event log.
+
+Counters follow the log's fixed events (one place decides what happened; the metrics
+only count it), so a metric cannot disagree with the log. Queue gauges are read from
+the store at scrape time. The HTTP endpoint is a few lines of asyncio: GET /metrics and
+GET /healthz on `metrics.listen`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from relay import log
+
+QueueSnapshot = Callable[[], Awaitable[dict[str, Any]]]
+HealthCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter("relay_received", "Messages accepted into the queue", registry=r)
+        self.rejected = Counter("relay_rejected", "SMTP commands refused by the listener",
+                                ["code"], registry=r)
+        self.delivered = Counter("relay_delivered", "Recipients delivered", registry=r)
+        self.deferred = Counter("relay_deferred", "Recipients deferred, by code", ["code"],
+                                registry=r)
+        self.bounced = Counter("relay_bounced", "Recipients bounced, by code", ["code"],
+                               registry=r)
+        self.expired = Counter("relay_expired", "Recipients expired, by code", ["code"],
+                               registry=r)
+        self.ndr = Counter("relay_ndr_sent", "Non-delivery reports queued", registry=r)
+        self.dane = Counter(
+            "relay_dane_outcomes",
+            "Delivery sessions by security: dane-authenticated, tls, plain, or failed",
+            ["outcome", "code"], registry=r,
+        )
+        self.tls = Counter("relay_tls_sessions", "TLS sessions by protocol version",
+                           ["version"], registry=r)
+        self.dns_failures = Counter("relay_dns_failures", "DNS failures by kind", ["kind"],
+                                    registry=r)
+        self.queue = Gauge("relay_queue_recipients", "Recipients in the queue by status",
+                           ["status"], registry=r)
+        self.oldest = Gauge("relay_queue_oldest_age_seconds",
+                            "Age of the oldest message with unfinished recipients",
+                            registry=r)
+
+    def observe(self, name: str, fields: dict[str, Any]) -> None:
+        """A log observer: count what the event says happened."""
+        code = str(fields.get("code") or "")
+        if name == "received":
+            self.received.inc()
+        elif name == "rejected":
+            self.rejected.labels(code=str(fields.get("reply", ""))[:3]).inc()
+        elif name == "delivered":
+            self.delivered.inc()
+        elif name == "deferred":
+            self.deferred.labels(code=code).inc()
+        elif name == "bounced":
+            self.bounced.labels(code=code).inc()
+        elif name == "expired":
+            self.expired.labels(code=code).inc()
+        elif name == "ndr_sent":
+            self.ndr.inc()
+        elif name == "attempt":
+            self._attempt(fields, code)
+
+    def _attempt(self, fields: dict[str, Any], code: str) -> None:
+        security = fields.get("security")
+        if security:
+            self.dane.labels(outcome=str(security), code=code if security == "failed" else "").inc()
+        version = fields.get("tls")
+        if version:
+            self.tls.labels(version=str(version)).inc()
+        kind = fields.get("dns_failure")
+        if kind:
+            self.dns_failures.labels(kind=str(kind)).inc()
+
+    def install(self) -> None:
+        if self.observe not in log.observers:
+            log.observers.append(self.observe)
+
+    def uninstall(self) -> None:
+        if self.observe in log.observers:
+            log.observers.remove(self.observe)
+
+    async def render(self, snapshot: QueueSnapshot | None) -> bytes:
+        if snapshot is not None:
+            snap = await snapshot()
+            for status in ("queued", "deferred", "delivered", "bounced"):
+                self.queue.labels(status=status).set(snap.get("by_status", {}).get(status, 0))
+            self.oldest.set(snap.get("oldest_age") or 0)
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """GET /metrics (Prometheus text format) and GET /healthz (JSON, 200 or 503)."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int,
+                 snapshot: QueueSnapshot | None = None, health: HealthCheck | None = None):
+        self.metrics, self.host, self.port = metrics, host, port
+        self.snapshot, self.health = snapshot, health
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 10)
+            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request.decode("latin-1").split()
+            path = parts[1] if len(parts) >= 2 else ""
+            if len(parts) < 2 or parts[0] != "GET":
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path == "/metrics":
+                status, ctype = "200 OK", CONTENT_TYPE_LATEST
+                body = await self.metrics.render(self.snapshot)
+            elif path == "/healthz":
+                ok, detail = await self.health() if self.health else (True, {})
+                status = "200 OK" if ok else "503 Service Unavailable"
+                ctype, body = "application/json", json.dumps({"ok": ok, **detail}).encode()
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            writer.write(
+                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()

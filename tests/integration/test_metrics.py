@@ -1,0 +1,67 @@
+"""The metrics endpoint over real HTTP, fed by the event log."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from relay import log
+from relay.metrics import Metrics, MetricsServer
+
+
+async def _get(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def _value(text: str, metric: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(metric + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{metric} not in output")
+
+
+async def test_counters_follow_log_events_and_gauges_read_the_queue(capsys: Any) -> None:
+    metrics = Metrics()
+    metrics.install()
+
+    async def snapshot() -> dict[str, Any]:
+        return {"by_status": {"queued": 3, "deferred": 2}, "oldest_age": 42.0}
+
+    async def health() -> tuple[bool, dict[str, Any]]:
+        return False, {"resolver": "not validating"}
+
+    server = MetricsServer(metrics, "127.0.0.1", 0, snapshot, health)
+    await server.start()
+    try:
+        log.event("received", id="A")
+        log.event("received", id="B")
+        log.event("deferred", id="A", code="4.7.323")
+        log.event("bounced", id="B", code="5.7.323")
+        log.event("attempt", id="A", security="failed", code="4.7.323", tls="TLSv1.3")
+        log.event("attempt", id="A", security="dane-authenticated", tls="TLSv1.3")
+        log.event("attempt", id="C", dns_failure="servfail", code="4.4.312")
+        status, body = await _get(server.port, "/metrics")
+        assert status == 200
+        assert _value(body, "relay_received_total") == 2
+        assert _value(body, 'relay_deferred_total{code="4.7.323"}') == 1
+        assert _value(body, 'relay_bounced_total{code="5.7.323"}') == 1
+        assert _value(body, 'relay_dane_outcomes_total{code="4.7.323",outcome="failed"}') == 1
+        assert _value(body, 'relay_dane_outcomes_total{code="",outcome="dane-authenticated"}') == 1
+        assert _value(body, 'relay_tls_sessions_total{version="TLSv1.3"}') == 2
+        assert _value(body, 'relay_dns_failures_total{kind="servfail"}') == 1
+        assert _value(body, 'relay_queue_recipients{status="queued"}') == 3
+        assert _value(body, "relay_queue_oldest_age_seconds") == 42.0
+        status, body = await _get(server.port, "/healthz")
+        assert status == 503 and '"resolver": "not validating"' in body
+        status, _ = await _get(server.port, "/nope")
+        assert status == 404
+    finally:
+        metrics.uninstall()
+        await server.stop()
+    capsys.readouterr()
