@@ -1,0 +1,102 @@
+"""Opening SQLite connections the one right way, the start-up check, and migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiosqlite
+
+from relay.errors import StoreError
+from relay.store import errors as errs
+from relay.store.sqlfiles import Migration, migrations, statements
+
+
+async def connect(
+    path: Path,
+    *,
+    busy_timeout: float,
+    max_page_count: int | None = None,
+    readonly: bool = False,
+) -> aiosqlite.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, synchronous=FULL."""
+    conn = await aiosqlite.connect(
+        path, isolation_level=None, timeout=busy_timeout, check_same_thread=False
+    )
+    try:
+        await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        async with conn.execute("PRAGMA journal_mode = WAL") as cur:
+            row = await cur.fetchone()
+        if row is None or str(row[0]).lower() != "wal":
+            raise StoreError(f"queue database {path}: cannot switch to WAL mode ({row})")
+        await conn.execute("PRAGMA synchronous = FULL")
+        if max_page_count is not None:
+            await set_max_page_count(conn, max_page_count)
+        if readonly:
+            await conn.execute("PRAGMA query_only = ON")
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+async def set_max_page_count(conn: aiosqlite.Connection, pages: int) -> int:
+    async with conn.execute(f"PRAGMA max_page_count = {int(pages)}") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def quick_check(conn: aiosqlite.Connection, path: Path) -> None:
+    """Refuse a corrupt database (raises CorruptDatabase naming the file)."""
+    try:
+        async with conn.execute("PRAGMA quick_check") as cur:
+            rows = [str(r[0]) for r in await cur.fetchall()]
+    except sqlite3.DatabaseError as exc:
+        raise errs.corrupt(path, f"quick_check failed: {exc}") from None
+    if rows != ["ok"]:
+        raise errs.corrupt(path, "quick_check: " + "; ".join(rows[:5]))
+
+
+async def user_version(conn: aiosqlite.Connection) -> int:
+    async with conn.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def migrate(
+    conn: aiosqlite.Connection, path: Path, available: Sequence[Migration] | None = None
+) -> list[int]:
+    """Apply the migrations newer than `PRAGMA user_version`, all in one transaction.
+
+    Returns the versions applied (empty when the schema was current). A database newer
+    than this code is refused rather than touched.
+    """
+    available = tuple(migrations() if available is None else available)
+    latest = available[-1].version if available else 0
+    current = await user_version(conn)
+    if current > latest:
+        raise StoreError(
+            f"queue database {path} has schema version {current}, newer than this "
+            f"dane-relay understands ({latest}); upgrade dane-relay"
+        )
+    if current == latest:
+        return []
+    applied: list[int] = []
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = await user_version(conn)  # another process may have migrated meanwhile
+        for mig in available:
+            if mig.version <= current:
+                continue
+            for stmt in statements(mig.sql):
+                await conn.execute(stmt)
+            await conn.execute(f"PRAGMA user_version = {mig.version}")
+            applied.append(mig.version)
+        await conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            await conn.execute("ROLLBACK")
+        raise
+    return applied

@@ -1,0 +1,192 @@
+-- Named queries of the SQLite store. Each starts with a line `-- name: <name>`.
+-- Parameters: positional (?) on the hot intake path, named (:x) elsewhere.
+
+-- name: insert_message
+INSERT INTO messages (id, sender, received_at, size, body, headers, smtputf8, body_8bit,
+                      client_ip, client_helo, auth_user, extra)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: insert_recipient
+INSERT INTO recipients (message_id, address, domain, next_attempt_at, updated_at)
+VALUES (?, ?, ?, ?, ?);
+
+-- name: claim
+-- Due recipients, leased atomically, whole (message, domain) groups at a time.
+-- Fairness: the oldest-due groups of never-tried mail and of deferred mail are picked
+-- in turn (row numbers interleave), so a backlog of retries never starves new mail
+-- and the other way round.
+WITH fresh AS (
+    SELECT r.message_id, r.domain, min(r.next_attempt_at) AS due FROM (
+        SELECT r.id, r.message_id, r.domain, r.next_attempt_at
+        FROM recipients r JOIN messages m ON m.id = r.message_id
+        WHERE r.status = 'queued' AND r.next_attempt_at <= :now AND m.held = 0
+          AND (r.leased_until IS NULL OR r.leased_until <= :now)
+        ORDER BY r.next_attempt_at, r.id LIMIT :scan
+    ) AS r GROUP BY r.message_id, r.domain
+), retry AS (
+    SELECT r.message_id, r.domain, min(r.next_attempt_at) AS due FROM (
+        SELECT r.id, r.message_id, r.domain, r.next_attempt_at
+        FROM recipients r JOIN messages m ON m.id = r.message_id
+        WHERE r.status = 'deferred' AND r.next_attempt_at <= :now AND m.held = 0
+          AND (r.leased_until IS NULL OR r.leased_until <= :now)
+        ORDER BY r.next_attempt_at, r.id LIMIT :scan
+    ) AS r GROUP BY r.message_id, r.domain
+), picked AS (
+    SELECT message_id, domain FROM (
+        SELECT message_id, domain, row_number() OVER (ORDER BY due, message_id) AS rn, 0 AS k
+        FROM fresh
+        UNION ALL
+        SELECT message_id, domain, row_number() OVER (ORDER BY due, message_id) AS rn, 1 AS k
+        FROM retry
+    ) ORDER BY rn, k LIMIT :limit
+)
+UPDATE recipients SET lease_owner = :owner, leased_until = :until
+WHERE id IN (
+    SELECT r.id FROM recipients r JOIN picked p
+      ON r.message_id = p.message_id AND r.domain = p.domain
+    WHERE r.status IN ('queued', 'deferred') AND r.next_attempt_at <= :now
+      AND (r.leased_until IS NULL OR r.leased_until <= :now)
+)
+RETURNING id, message_id, domain, address, attempts, status, next_attempt_at;
+
+-- name: job_messages
+SELECT id, sender, received_at, smtputf8, size FROM messages
+WHERE id IN (SELECT value FROM json_each(:ids));
+
+-- name: unlease
+UPDATE recipients SET lease_owner = NULL, leased_until = NULL
+WHERE lease_owner = :owner AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)));
+
+-- name: next_due_unleased
+SELECT min(t) FROM (
+    SELECT * FROM (
+        SELECT r.next_attempt_at AS t FROM recipients r JOIN messages m ON m.id = r.message_id
+        WHERE r.status = 'queued' AND m.held = 0
+          AND (r.leased_until IS NULL OR r.leased_until <= r.next_attempt_at)
+        ORDER BY r.next_attempt_at LIMIT 1)
+    UNION ALL
+    SELECT * FROM (
+        SELECT r.next_attempt_at AS t FROM recipients r JOIN messages m ON m.id = r.message_id
+        WHERE r.status = 'deferred' AND m.held = 0
+          AND (r.leased_until IS NULL OR r.leased_until <= r.next_attempt_at)
+        ORDER BY r.next_attempt_at LIMIT 1)
+);
+
+-- name: next_due_leased
+SELECT min(r.leased_until) FROM recipients r JOIN messages m ON m.id = r.message_id
+WHERE r.leased_until IS NOT NULL AND r.leased_until > r.next_attempt_at
+  AND r.status IN ('queued', 'deferred') AND m.held = 0;
+
+-- name: load_body
+SELECT body FROM messages WHERE id = :id;
+
+-- name: load_headers
+SELECT headers FROM messages WHERE id = :id;
+
+-- name: record_recipient
+UPDATE recipients SET
+    status = :status,
+    code = :code,
+    reply = :reply,
+    attempts = coalesce(:attempts, attempts + 1),
+    next_attempt_at = coalesce(:next_attempt_at, next_attempt_at),
+    ndr_state = coalesce(:ndr_state, ndr_state),
+    warned_at = coalesce(:warned_at, warned_at),
+    updated_at = :now,
+    lease_owner = NULL,
+    leased_until = NULL
+WHERE id = :id AND status IN ('queued', 'deferred');
+
+-- name: set_ndr_state
+UPDATE recipients SET ndr_state = :ndr_state, updated_at = :now WHERE id = :id;
+
+-- name: insert_attempt
+-- Through a SELECT, so that the trace of a recipient deleted meanwhile is dropped.
+INSERT INTO attempts (message_id, recipient_id, at, mx, ip, dnssec, tlsa, tls, dane, code,
+                      reply)
+SELECT r.message_id, r.id, :at, :mx, :ip, :dnssec, :tlsa, :tls, :dane, :code, :reply
+FROM recipients r WHERE r.id = :recipient_id;
+
+-- name: finish_messages
+-- The body goes when every recipient is final; the trace stays until purge.
+UPDATE messages SET body = NULL, finished_at = :now
+WHERE id IN (SELECT value FROM json_each(:ids)) AND finished_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM recipients r
+                  WHERE r.message_id = messages.id AND r.status IN ('queued', 'deferred'));
+
+-- name: message_exists
+SELECT 1 FROM messages WHERE id = :id;
+
+-- name: retry_message
+UPDATE recipients SET next_attempt_at = :now, updated_at = :now
+WHERE message_id = :id AND status IN ('queued', 'deferred')
+  AND (leased_until IS NULL OR leased_until <= :now);
+
+-- name: retry_all
+UPDATE recipients SET next_attempt_at = :now, updated_at = :now
+WHERE status IN ('queued', 'deferred') AND (leased_until IS NULL OR leased_until <= :now);
+
+-- name: delete_message
+DELETE FROM messages WHERE id = :id;
+
+-- name: set_held
+UPDATE messages SET held = :held WHERE id = :id;
+
+-- name: purge
+DELETE FROM messages WHERE finished_at IS NOT NULL AND finished_at <= :cutoff;
+
+-- name: list_messages
+SELECT m.id, m.sender, m.received_at, m.size, m.held, m.finished_at
+FROM messages m
+WHERE (:include_final OR EXISTS (
+          SELECT 1 FROM recipients r
+          WHERE r.message_id = m.id AND r.status IN ('queued', 'deferred')))
+  AND (:sender IS NULL OR m.sender = :sender COLLATE NOCASE)
+  AND ((:status IS NULL AND :domain IS NULL AND :code IS NULL AND :recipient IS NULL)
+       OR EXISTS (
+          SELECT 1 FROM recipients r
+          WHERE r.message_id = m.id
+            AND (:status IS NULL OR r.status = :status)
+            AND (:domain IS NULL OR r.domain = :domain)
+            AND (:code IS NULL OR r.code = :code)
+            AND (:recipient IS NULL OR r.address = :recipient COLLATE NOCASE)))
+ORDER BY m.id;
+
+-- name: list_recipients
+SELECT message_id, address, status, code FROM recipients
+WHERE message_id IN (SELECT value FROM json_each(:ids))
+ORDER BY message_id, id;
+
+-- name: get_message
+SELECT id, sender, received_at, size, held, smtputf8, body_8bit, client_ip, client_helo,
+       auth_user, finished_at, body IS NOT NULL AS has_body
+FROM messages WHERE id = :id;
+
+-- name: get_recipients
+SELECT id, address, domain, status, attempts, next_attempt_at, code, reply, updated_at,
+       lease_owner, leased_until, ndr_state, warned_at
+FROM recipients WHERE message_id = :id ORDER BY id;
+
+-- name: get_attempts
+SELECT recipient_id, at, mx, ip, dnssec, tlsa, tls, dane, code, reply
+FROM attempts WHERE message_id = :id ORDER BY at, id;
+
+-- name: stats_by_status
+SELECT status, count(*) FROM recipients GROUP BY status;
+
+-- name: stats_by_code
+SELECT code, status, count(*) AS n FROM recipients WHERE code != ''
+GROUP BY code, status ORDER BY n DESC, code, status;
+
+-- name: stats_messages
+SELECT count(*), coalesce(sum(m.held), 0), coalesce(sum(m.size), 0), min(m.received_at)
+FROM messages m
+WHERE EXISTS (SELECT 1 FROM recipients r
+              WHERE r.message_id = m.id AND r.status IN ('queued', 'deferred'));
+
+-- name: stats_finished
+SELECT count(*) FROM messages WHERE finished_at IS NOT NULL;
+
+-- name: stats_top_deferred
+SELECT domain, count(*) AS n FROM recipients WHERE status = 'deferred'
+GROUP BY domain ORDER BY n DESC, domain LIMIT :limit;
