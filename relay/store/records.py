@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,3 +207,35 @@ class Stats:
                 {"domain": d, "deferred": n} for d, n in self.top_deferred_domains
             ],
         }
+
+
+def build_jobs(rows: Sequence[Any], msgs: Sequence[Any], max_recipients: int | None) -> list[Job]:
+    """Jobs from claimed rows, in fair order: never-tried and deferred groups in turn.
+
+    rows: (recipient id, message id, domain, address, attempts, status, next_attempt_at);
+    msgs: (id, sender, received_at, smtputf8, size).
+    """
+    meta = {m[0]: m for m in msgs}
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for row in rows:
+        groups.setdefault((row[1], row[2]), []).append(row)
+    fresh, retry = [], []
+    for key, members in groups.items():
+        members.sort(key=lambda r: r[0])
+        due = min(r[6] for r in members)
+        is_fresh = any(r[5] == RecipientStatus.QUEUED for r in members)
+        (fresh if is_fresh else retry).append((due, key, members))
+    fresh.sort(key=lambda g: (g[0], g[1]))
+    retry.sort(key=lambda g: (g[0], g[1]))
+    ordered = []
+    for i in range(max(len(fresh), len(retry))):
+        ordered.extend(lst[i] for lst in (fresh, retry) if i < len(lst))
+    jobs = []
+    for _, (mid, domain), members in ordered:
+        m = meta[mid]
+        rcpts = tuple((r[0], r[3], r[4]) for r in members)
+        step = max_recipients or len(rcpts)
+        for i in range(0, len(rcpts), step):
+            jobs.append(Job(message_id=mid, sender=m[1], domain=domain, received_at=m[2],
+                            recipients=rcpts[i:i + step], smtputf8=bool(m[3]), size=m[4]))
+    return jobs

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from relay import log
 from relay.errors import NotFound, StoreError
 from relay.model import Envelope, RecipientStatus
 from relay.store import errors as errs
@@ -30,6 +31,7 @@ from relay.store.records import (
     MessageInfo,
     RecipientInfo,
     Stats,
+    build_jobs,
 )
 from relay.store.sqlfiles import Q
 from relay.store.writer import Writer
@@ -200,7 +202,7 @@ class Store:
             return rows, msgs
 
         rows, msgs = await self._writer.run(op)
-        return _jobs(rows, msgs, max_recipients)
+        return build_jobs(rows, msgs, max_recipients)
 
     async def unlease(self, owner: str, recipient_ids: Iterable[int] | None = None) -> int:
         """Give leased work back at once (e.g. at shutdown); returns rows released."""
@@ -366,34 +368,41 @@ class Store:
             return cur.rowcount
 
         count = int(await self._writer.run(op))
+        log.event("queue_op", op="retry", id=message_id or "*", count=count)
         if count:
             self.new_work.set()
         return count
 
-    async def _change(self, sql: str, params: dict[str, Any]) -> bool:
+    async def _change(self, name: str, sql: str, params: dict[str, Any]) -> bool:
         async def op(conn: aiosqlite.Connection) -> int:
             cur = await conn.execute(sql, params)
             return cur.rowcount
 
-        return int(await self._writer.run(op)) > 0
+        found = int(await self._writer.run(op)) > 0
+        if found:
+            log.event("queue_op", op=name, id=params["id"])
+        return found
 
     async def delete(self, message_id: str) -> bool:
         """Remove a message with its recipients and trace; False if there was none."""
-        return await self._change(Q.delete_message, {"id": message_id})
+        return await self._change("delete", Q.delete_message, {"id": message_id})
 
     async def hold(self, message_id: str) -> bool:
         """Keep a message out of delivery until released; False if there is none."""
-        return await self._change(Q.set_held, {"id": message_id, "held": 1})
+        return await self._change("hold", Q.set_held, {"id": message_id, "held": 1})
 
     async def release(self, message_id: str) -> bool:
-        found = await self._change(Q.set_held, {"id": message_id, "held": 0})
+        found = await self._change("release", Q.set_held, {"id": message_id, "held": 0})
         if found:
             self.new_work.set()
         return found
 
     async def purge(self, *, now: float, retention: float) -> int:
         """Delete finished messages (and their trace) finished more than `retention` ago."""
-        return int(await self._writer.run(_purge_op(now - retention)))
+        count = int(await self._writer.run(_purge_op(now - retention)))
+        if count:
+            log.event("purged", count=count)
+        return count
 
     async def stats(self, *, now: float, top: int = 10) -> Stats:
         by_status = {r[0]: r[1] for r in await self._fetchall(Q.stats_by_status)}
@@ -464,31 +473,3 @@ def _purge_op(cutoff: float) -> Callable[[aiosqlite.Connection], Awaitable[int]]
         return cur.rowcount
 
     return op
-
-
-def _jobs(rows: list[Any], msgs: list[Any], max_recipients: int | None) -> list[Job]:
-    """Build jobs from claimed rows, in fair order: fresh and deferred groups in turn."""
-    meta = {m[0]: m for m in msgs}
-    groups: dict[tuple[str, str], list[Any]] = {}
-    for row in rows:
-        groups.setdefault((row[1], row[2]), []).append(row)
-    fresh, retry = [], []
-    for key, members in groups.items():
-        members.sort(key=lambda r: r[0])
-        due = min(r[6] for r in members)
-        is_fresh = any(r[5] == RecipientStatus.QUEUED for r in members)
-        (fresh if is_fresh else retry).append((due, key, members))
-    fresh.sort(key=lambda g: (g[0], g[1]))
-    retry.sort(key=lambda g: (g[0], g[1]))
-    ordered = []
-    for i in range(max(len(fresh), len(retry))):
-        ordered.extend(lst[i] for lst in (fresh, retry) if i < len(lst))
-    jobs = []
-    for _, (mid, domain), members in ordered:
-        m = meta[mid]
-        rcpts = tuple((r[0], r[3], r[4]) for r in members)
-        step = max_recipients or len(rcpts)
-        for i in range(0, len(rcpts), step):
-            jobs.append(Job(message_id=mid, sender=m[1], domain=domain, received_at=m[2],
-                            recipients=rcpts[i:i + step], smtputf8=bool(m[3]), size=m[4]))
-    return jobs

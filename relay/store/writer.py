@@ -69,7 +69,7 @@ class Writer:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._failing = False
+        self._failing: str | None = None  # "full" | "unavailable" while writes fail
         self.commits = 0  # transactions committed (for tests and metrics)
         self.items = 0  # items committed
 
@@ -163,7 +163,7 @@ class Writer:
         self.commits += 1
         self.items += len(live)
         if self._failing:
-            self._failing = False
+            self._failing = None
             log.event("storage_recovered", path=str(self._path))
         for it, (ok, value) in zip(live, results, strict=True):
             if it.future.done():
@@ -193,16 +193,18 @@ class Writer:
     ) -> None:
         err = errs.storage_error(exc, self._path)
         kind = "full" if errs.is_full(exc) else "unavailable"
-        log.event("storage_error", level="error", path=str(self._path), kind=kind,
-                  detail=str(exc))
-        self._failing = True
+        if self._failing != kind:  # log the change, not every failed batch
+            log.event("storage_error", level="error", path=str(self._path), kind=kind,
+                      detail=str(exc))
+        self._failing = kind
         if conn is not None:
+            reopen = errs.needs_reopen(exc)
             try:
                 if conn.in_transaction:
                     await conn.execute("ROLLBACK")
             except Exception:
-                pass
-            if errs.needs_reopen(exc):
+                reopen = True
+            if reopen:
                 self._conn = None
                 try:
                     await conn.close()

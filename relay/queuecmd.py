@@ -1,0 +1,248 @@
+"""`relay queue …`: list, show, retry, delete, hold, release, stats, backup.
+
+Each command opens the queue database named by `queue.path` as a second process beside
+a running `relay serve` (WAL: readers never block it; writes wait for each other).
+Human output is a table; `--json` prints the contract's shapes for scripts. A queue id
+that does not exist is an error on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from relay import config as configmod
+from relay import log
+from relay.errors import NotFound
+from relay.store import MessageInfo, Stats, Store, iso
+
+T = TypeVar("T")
+
+
+def _run(args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]]) -> T:
+    cfg = configmod.load(getattr(args, "config", None))
+    # stdout carries the command's output; store warnings go to stderr.
+    log.configure(fmt="json", level="warning", stream=sys.stderr)
+
+    async def main() -> T:
+        store = await Store.open(cfg.queue.path, commit_batch=cfg.queue.commit_batch,
+                                 check=False, create=False)
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _fail(message: str) -> int:
+    print(f"relay: {message}", file=sys.stderr)
+    return 1
+
+
+# --- formatting -------------------------------------------------------------------------
+
+
+def age(seconds: float) -> str:
+    """45 → "45s", 300 → "5m", 11520 → "3h12m", 180000 → "2d2h"."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        h, m = divmod(s // 60, 60)
+        return f"{h}h{m:02d}m" if m else f"{h}h"
+    d, h = divmod(s // 3600, 24)
+    return f"{d}d{h}h" if h else f"{d}d"
+
+
+def size(octets: int) -> str:
+    if octets < 1024:
+        return f"{octets}B"
+    for unit in ("K", "M", "G"):
+        octets /= 1024  # type: ignore[assignment]
+        if octets < 1024:
+            return f"{octets:.1f}{unit}" if octets < 10 else f"{octets:.0f}{unit}"
+    return f"{octets:.0f}T"
+
+
+def format_list(messages: list[MessageInfo], now: float) -> str:
+    if not messages:
+        return "Queue is empty."
+    lines = [f"{'ID':<16}  {'AGE':>6}  {'SIZE':>6}  SENDER / RECIPIENTS"]
+    recipients = 0
+    total = 0
+    for m in messages:
+        flag = "  [held]" if m.held else ""
+        lines.append(f"{m.id:<16}  {age(now - m.received_at):>6}  {size(m.size):>6}  "
+                     f"<{m.sender}>{flag}")
+        width = max(len(r.address) for r in m.recipients) if m.recipients else 0
+        for r in m.recipients:
+            code = f"  {r.code}" if r.code else ""
+            lines.append(f"{'':<36}{r.address:<{width}}  {r.status}{code}")
+        recipients += len(m.recipients)
+        total += m.size
+    lines.append(f"-- {len(messages)} message(s), {size(total)}, {recipients} recipient(s)")
+    return "\n".join(lines)
+
+
+def format_show(m: MessageInfo, now: float) -> str:
+    out = [
+        f"Message {m.id}",
+        f"  sender:    <{m.sender}>",
+        f"  received:  {iso(m.received_at)} ({age(now - m.received_at)} ago)",
+        f"  size:      {m.size} bytes{'  (SMTPUTF8)' if m.smtputf8 else ''}",
+        f"  client:    {m.client_ip or '-'} ({m.client_helo or '-'})"
+        + (f" user {m.auth_user}" if m.auth_user else ""),
+        f"  held:      {'yes' if m.held else 'no'}",
+    ]
+    if m.finished_at is not None:
+        out.append(f"  finished:  {iso(m.finished_at)} (body removed; trace kept)")
+    for r in m.recipients:
+        out.append("")
+        out.append(f"Recipient {r.address}: {r.status}" + (f" {r.code}" if r.code else ""))
+        line = f"  attempts: {r.attempts}"
+        if not r.status.final and r.next_attempt_at is not None:
+            when = r.next_attempt_at - now
+            rel = f"in {age(when)}" if when > 0 else "due now"
+            line += f"; next attempt {iso(r.next_attempt_at)} ({rel})"
+        if r.leased_until is not None and r.leased_until > now:
+            line += f"; in progress ({r.lease_owner})"
+        out.append(line)
+        if r.reply:
+            out.append(f"  last reply: {r.reply}")
+        if r.history:
+            out.append("  history:")
+        for a in r.history:
+            host = a.mx or "-"
+            if a.ip:
+                host += f" [{a.ip}]"
+            facts = " ".join(
+                f"{k}={v}" for k, v in (("dnssec", a.dnssec), ("tlsa", a.tlsa), ("tls", a.tls),
+                                        ("dane", a.dane)) if v
+            )
+            out.append(f"    {iso(a.at)}  {host}  {a.code or '-'}  {facts}".rstrip())
+            if a.reply:
+                out.append(f"        {a.reply}")
+    return "\n".join(out)
+
+
+def format_stats(st: Stats) -> str:
+    rec = st.as_json()["recipients"]
+    out = [
+        f"messages in queue: {st.messages} ({size(st.bytes)}), held: {st.held}, "
+        f"finished (trace kept): {st.finished}",
+        "recipients: " + ", ".join(f"{k} {v}" for k, v in rec.items()),
+        f"oldest message: {age(st.oldest_age) if st.oldest_age is not None else '-'}",
+    ]
+    if st.by_code:
+        out.append("by code:")
+        out.extend(f"  {c:<10} {s:<9} {n}" for c, s, n in st.by_code)
+    if st.top_deferred_domains:
+        out.append("most deferred destinations:")
+        out.extend(f"  {d:<40} {n}" for d, n in st.top_deferred_domains)
+    return "\n".join(out)
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    async def fn(store: Store) -> list[MessageInfo]:
+        return await store.list_messages(
+            include_final=args.all, status=args.status, domain=args.domain, code=args.code,
+            sender=args.sender, recipient=args.recipient)
+
+    messages = _run(args, fn)
+    if args.json:
+        _print_json([m.summary_json() for m in messages])
+    else:
+        print(format_list(messages, time.time()))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    async def fn(store: Store) -> MessageInfo | None:
+        try:
+            return await store.get_message(args.id)
+        except NotFound:
+            return None
+
+    message = _run(args, fn)
+    if message is None:
+        return _fail(f"no message with queue id {args.id}")
+    if args.json:
+        _print_json(message.detail_json())
+    else:
+        print(format_show(message, time.time()))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    target = None if args.all else args.id
+
+    async def fn(store: Store) -> int | None:
+        try:
+            return await store.retry(target, now=time.time())
+        except NotFound:
+            return None
+
+    count = _run(args, fn)
+    if count is None:
+        return _fail(f"no message with queue id {args.id}")
+    print(f"{count} recipient(s) due now" + ("" if target is None else f" in {target}"))
+    return 0
+
+
+def _simple(args: argparse.Namespace, op: str, done: str) -> int:
+    async def fn(store: Store) -> bool:
+        return bool(await getattr(store, op)(args.id))
+
+    if not _run(args, fn):
+        return _fail(f"no message with queue id {args.id}")
+    print(f"{args.id}: {done}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    return _simple(args, "delete", "deleted")
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    return _simple(args, "hold", "held")
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    return _simple(args, "release", "released")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    now = time.time()
+
+    async def fn(store: Store) -> Stats:
+        return await store.stats(now=now)
+
+    st = _run(args, fn)
+    if args.json:
+        _print_json(st.as_json())
+    else:
+        print(format_stats(st))
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    async def fn(store: Store) -> str:
+        return str(await store.backup(args.file))
+
+    print(f"backup written to {_run(args, fn)}")
+    return 0
