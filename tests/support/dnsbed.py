@@ -171,16 +171,22 @@ class DnsBed:
 
     # ----- declaring the world -------------------------------------------------------------
 
-    def zone(self, name: str, *, signed: bool = True, nsec3: bool = False) -> ZoneSpec:
-        """The zone `name` (created on first call). Delegated from the closest declared
-        ancestor zone, with a DS there when signed. Records go in with ZoneSpec.add()."""
+    def zone(self, name: str, *, signed: bool | None = None,
+             nsec3: bool | None = None) -> ZoneSpec:
+        """The zone `name`, created on first call (default: signed, NSEC); later calls return
+        it (flags given then must match). Delegated from the closest declared ancestor zone,
+        with a DS there when signed. Records go in with ZoneSpec.add()."""
         origin = dns.name.from_text(name if name.endswith(".") else name + ".")
         spec = self.zones.get(origin)
         if spec is None:
+            signed = True if signed is None else signed
+            nsec3 = bool(nsec3)
+            if nsec3 and not signed:
+                raise ValueError("nsec3=True needs signed=True")
             spec = ZoneSpec(origin, signed=signed, nsec3=nsec3,
                             key=ZoneKey.generate() if signed else None)
             self.zones[origin] = spec
-        elif spec.servfail or spec.signed != signed or spec.nsec3 != nsec3:
+        elif spec.servfail or signed not in (None, spec.signed) or nsec3 not in (None, spec.nsec3):
             raise ValueError(f"zone {origin} already declared differently")
         return spec
 
