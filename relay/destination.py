@@ -1,0 +1,78 @@
+"""Gather one destination's DNS facts and turn them into a plan (delivery and `relay check`).
+
+    plan = await plan_destination("example.org", resolver, config)
+
+MX (or the `[[routes]]` next hops) → A/AAAA of every host concurrently (per
+`delivery.ipv4` / `delivery.ipv6`) → TLSA `_<port>._tcp.<base>` only where relay.policy
+asks for it (never for a host whose addresses are insecure) → relay.policy.finish.
+Every decision is made by the pure steps of relay.policy; this module only does lookups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from relay.config import Config
+from relay.model import DnsAnswer
+from relay.policy import (
+    DomainPlan,
+    HostPlan,
+    HostTarget,
+    MxDecision,
+    find_route,
+    finish,
+    host_step,
+    is_ip,
+    mx_step,
+    normalize,
+    options_for,
+    resolver_step,
+    route_step,
+    tlsa_step,
+)
+from relay.resolve import Resolver, ValidationProbe
+
+
+async def plan_destination(domain: str, resolver: Resolver, config: Config, *,
+                           port: int | None = None,
+                           probe: ValidationProbe | None = None) -> DomainPlan:
+    """The plan for `domain`. `port`: destination port (default `delivery.port`; a route
+    hop's own port wins). `probe`: the resolver check to use; by default the resolver's
+    cached probe (`Resolver.validation()`), consulted only when
+    `dns.require_validating_resolver` is true. Never raises for DNS trouble."""
+    d = normalize(domain)
+    opts = options_for(config, d, port=port)
+    route = find_route(config, d)
+    if opts.require_validating_resolver:
+        if probe is None:
+            probe = await resolver.validation()
+        gate = resolver_step(d, probe.validating, probe.detail, opts, route)
+        if gate is not None:
+            return gate
+    if route is not None:
+        mx = route_step(d, route, opts)
+    else:
+        mx = mx_step(d, await resolver.query(d, "MX"), opts)
+    if mx.plan is not None:
+        return mx.plan
+    hosts = await asyncio.gather(*(plan_host(t, resolver, mx) for t in mx.targets))
+    return finish(mx, hosts)
+
+
+async def plan_host(target: HostTarget, resolver: Resolver, mx: MxDecision) -> HostPlan:
+    """One host: its addresses, then the TLSA lookups the policy asks for, in order."""
+    types = [t for t, on in (("A", mx.opts.ipv4), ("AAAA", mx.opts.ipv6)) if on]
+    answers: list[DnsAnswer] = []
+    if not is_ip(target.name):
+        answers = list(await asyncio.gather(*(resolver.query(target.name, t) for t in types)))
+    progress = host_step(target, answers, mx)
+    if progress.plan is not None:
+        return progress.plan
+    pending = progress.pending
+    assert pending is not None
+    tlsa: list[DnsAnswer] = []
+    while True:
+        step = tlsa_step(pending, tlsa)
+        if isinstance(step, HostPlan):
+            return step
+        tlsa.append(await resolver.query(step.qname, "TLSA"))
