@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -43,7 +44,7 @@ def test_default_is_every_15_minutes_for_24_hours() -> None:
     times = run(DEFAULT, DAY)
     assert len(times) == 97 == retry.planned_attempts(DEFAULT, DAY)
     assert times[1] == 900 and times[-1] == DAY
-    assert all(b - a == 900 for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a == 900 for a, b in itertools.pairwise(times))
 
 
 def test_source_service_schedule() -> None:
@@ -58,7 +59,7 @@ def test_postfix_like_backoff_schedule() -> None:
     sched = tuple(parse_duration(x) for x in ("5m", "10m", "20m", "40m", "66m"))
     times = run(sched, 5 * DAY)
     assert times[:6] == [0, 300, 900, 2100, 4500, 8460]
-    assert all(b - a == 3960 for a, b in zip(times[5:], times[6:], strict=False))
+    assert all(b - a == 3960 for a, b in itertools.pairwise(times[5:]))
     assert times[-1] <= 5 * DAY < times[-1] + 3960
     assert retry.plan(sched, 5 * DAY) == times
 
