@@ -14,7 +14,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.support.dnsbed import DnsBed, dnsbed_fixture, query
+from tests.support.dnsbed import DnsBed, dnsbed_fixture, hostport, query
 
 TLSA_OK = "3 1 1 " + "ab" * 32
 BAD_DIGEST = bytes([3, 1, 1]) + b"\xcd" * 31  # 3 1 1 with 31 bytes: wrong for SHA-256
@@ -75,6 +75,8 @@ def rrset(msg: dns.message.Message, name: str, rdtype: str) -> list[str]:
 
 def test_setup_is_fast(dnsbed: DnsBed) -> None:
     assert 0 < dnsbed.setup_seconds < 10
+    assert dnsbed.nameserver == hostport(dnsbed.resolver)
+    assert dnsbed.nameserver.startswith("127.") and dnsbed.resolver[1] > 0
 
 
 def test_secure_answers_have_ad(dnsbed: DnsBed) -> None:
@@ -122,8 +124,8 @@ def test_expired_rrsig_is_bogus(dnsbed: DnsBed, name: str) -> None:
 
 @pytest.mark.parametrize("name", ["nodata.example.test", "mx.n3.test"])
 def test_nodata_for_tlsa_is_secure(dnsbed: DnsBed, name: str) -> None:
-    r = dnsbed.query("_25._tcp." + name, "TLSA")  # ENT below name: NODATA... or NXDOMAIN
-    assert ad(r) and not r.answer
+    r = dnsbed.query("_25._tcp." + name, "TLSA")  # no such name: proved NXDOMAIN
+    assert r.rcode() == dns.rcode.NXDOMAIN and ad(r) and not r.answer
     plain = dnsbed.query(name, "TLSA")  # the name exists, no TLSA: NODATA proper
     assert plain.rcode() == dns.rcode.NOERROR and ad(plain) and not plain.answer
     types = {rs.rdtype for rs in plain.authority}
@@ -235,8 +237,24 @@ def test_reload_after_start_and_stop(tmp_path: pytest.TempPathFactory) -> None:
         r = bed.query("mx.two.test", "A")
         assert ad(r) and rrset(r, "mx.two.test", "A") == ["127.25.1.2"]
         assert bed.query("mx.one.test", "A").rcode() == dns.rcode.SERVFAIL
+        bed.zone("one.test").repair()
+        bed.reload()
+        assert ad(bed.query("mx.one.test", "A"))
         procs = [p for p in (bed._nsd, bed._unbound, bed._servfail) if p is not None]
         assert len(procs) == 3
     assert all(p.poll() is not None for p in procs)
     with pytest.raises(dns.exception.Timeout):
         bed.query("mx.one.test", "A", timeout=0.3)
+
+
+def test_val_override_date_shifts_the_validator_clock(tmp_path: pytest.TempPathFactory) -> None:
+    import datetime as dt
+
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=45)  # signatures last 30 days
+    bed = DnsBed(tmp_path, nonvalidating=False,  # type: ignore[arg-type]
+                 val_override_date=later.strftime("%Y%m%d%H%M%S"))
+    bed.zone("one.test").add("mx", "A", "127.25.1.1")
+    with bed:
+        r = bed.query("mx.one.test", "A")
+        assert r.rcode() == dns.rcode.SERVFAIL
+        assert dns.edns.EDECode.SIGNATURE_EXPIRED in ede_codes(r)

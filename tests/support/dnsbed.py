@@ -1,36 +1,44 @@
 """A real DNSSEC test bed on loopback: private root, NSD, validating Unbound.
 
-    bed = DnsBed(tmp_path)
-    z = bed.zone("example.test")                       # signed, NSEC
-    z.add("@", "MX", "10 mx.example.test.").add("mx", "A", "127.25.0.10")
-    z.add("_25._tcp.mx", "TLSA", "3 1 1 <hex>")
-    bed.zone("n3.test", nsec3=True)                    # signed with NSEC3 (ldns-signzone)
-    bed.zone("insecure.test", signed=False)            # delegated without DS
-    bed.break_rrsig("example.test", "_25._tcp.mx.example.test", "TLSA")
-    bed.servfail_zone("_tcp.mx.bad.test", with_ds=True)
-    bed.start()        # bed.resolver == ("127.a.b.c", port): the validating Unbound
-    ...
-    bed.stop()
+In a test module (one bed per module, started before its first test, stopped after):
+
+    from tests.support.dnsbed import DnsBed, dnsbed_fixture
+
+    def world(bed: DnsBed) -> None:
+        z = bed.zone("example.test")                   # signed, NSEC (dnspython)
+        z.add("@", "MX", "10 mx.example.test.").add("mx", "A", "127.25.0.10")
+        z.add("_25._tcp.mx", "TLSA", "3 1 1 <64 hex>")
+        bed.zone("n3.test", nsec3=True)                # signed, NSEC3 (ldns-signzone)
+        bed.zone("insecure.test", signed=False)        # delegated without DS
+        bed.break_rrsig("example.test", "_25._tcp.mx.example.test", "TLSA")
+        bed.servfail_zone("_tcp.mx.bad.test", with_ds=True)
+
+    dnsbed = dnsbed_fixture(world)                     # then: def test_x(dnsbed: DnsBed)
+
+or by hand: `bed = DnsBed(tmp_path); ...; bed.start(); ...; bed.stop()` (or `with bed:`).
+After start, `bed.resolver` is ("127.a.b.c", port) of the validating Unbound and
+`bed.nameserver` the same as "ip:port" for the relay's `dns.nameservers`.
+
+Names: "@" is the apex, "mx" is relative to the zone, "mx.example.test" (ending in the zone's
+name) or "mx.example.test." is absolute.
 
 Layout: every zone (root ".", "test." and the test's zones) is served by one NSD on a random
 127.x.y.z address and a free port; parents hold NS (+ DS for signed children). Unbound cannot
-follow a referral to a non-53 port (glue has no port), so its config has a `stub-zone` for
-EVERY zone with `stub-addr: <addr>@<port>`; validation still walks the real chain (Unbound
-asks the parent's stub for DS, the child's for DNSKEY), so insecure delegations are proved by
-the parent's NSEC/NSEC3 exactly as in the wild. The trust anchor is the private root's DS.
+follow a referral to a non-53 port (glue has no port, and a root-hints file neither: with one,
+Unbound even ignores a stub-zone for "."), so its config has a `stub-zone` for EVERY zone with
+`stub-addr: <addr>@<port>`; validation still walks the real chain (Unbound asks the parent's
+stub for DS, the child's for DNSKEY), so insecure delegations are proved by the parent's
+NSEC/NSEC3 as in the wild. The trust anchor is the private root's DS.
 
 Also started: a second Unbound with `module-config: "iterator"` (`nonvalidating_resolver`,
 never sets AD), a SERVFAIL server (Python subprocess, UDP+TCP) for `servfail_zone`s, and
-`dead_resolver` / `silent_resolver` addresses (nothing listening / bound but never answering).
+`dead_resolver` (nothing listens: TCP refused, UDP unanswered) / `silent_resolver` (UDP and
+TCP bound, never answer) addresses.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import ctypes
-import random
-import signal
+import datetime as dt
 import socket
 import subprocess
 import sys
@@ -39,14 +47,24 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import dns.exception
-import dns.flags
 import dns.message
 import dns.name
-import dns.query
 import dns.rdatatype
 import pytest
 
+from tests.support.dnsprocs import (
+    Addr,
+    DnsBedError,
+    free_port,
+    hostport,
+    kill,
+    preexec,
+    query,
+    random_addr,
+    spawn,
+    track,
+    wait_answering,
+)
 from tests.support.zones import (
     DEFAULT_TTL,
     NS_NAME,
@@ -58,108 +76,35 @@ from tests.support.zones import (
     soa_text,
 )
 
-Addr = tuple[str, int]
+__all__ = [
+    "Addr", "DnsBed", "DnsBedError", "ZoneSpec", "dnsbed", "dnsbed_fixture", "hostport",
+    "query",
+]
 ROOT = dns.name.root
 TLD = dns.name.from_text("test.")
-_LIVE: set[subprocess.Popen[bytes]] = set()
 SERVFAIL_SCRIPT = Path(__file__).with_name("servfail_server.py")
-
-
-class DnsBedError(Exception):
-    """A bed process failed to start (the message carries its log)."""
-
-
-def _random_addr() -> str:
-    return f"127.{random.randint(100, 250)}.{random.randint(1, 254)}.{random.randint(1, 254)}"
-
-
-def _free_port(addr: str) -> int:
-    """A port free for both UDP and TCP on addr (addr is random per bed, so no race)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind((addr, 0))
-            port = t.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind((addr, port))
-                except OSError:
-                    continue
-                return port
-    raise DnsBedError(f"no free port on {addr}")
-
-
-def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG: the child gets SIGTERM if the test process dies.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-
-
-def _spawn(argv: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent, **kw)
-    _LIVE.add(proc)
-    return proc
-
-
-def _kill(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None:
-        return
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    _LIVE.discard(proc)
-
-
-@atexit.register
-def _kill_all() -> None:
-    for proc in list(_LIVE):
-        _kill(proc)
-
-
-def query(server: Addr, name: str, rdtype: str | int = "A", *, cd: bool = False,
-          timeout: float = 5.0) -> dns.message.Message:
-    """One DNSSEC-OK query (RD, optional CD) over UDP, retried over TCP if truncated."""
-    q = dns.message.make_query(name, rdtype, want_dnssec=True, use_edns=0, payload=1232)
-    if cd:
-        q.flags |= dns.flags.CD
-    return dns.query.udp_with_fallback(q, server[0], timeout=timeout, port=server[1])[0]
-
-
-def _wait_answering(proc: subprocess.Popen[bytes], server: Addr, name: str, rdtype: str,
-                    log: Path, what: str, deadline: float = 10.0) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise DnsBedError(f"{what} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        q = dns.message.make_query(name, rdtype)
-        try:
-            dns.query.udp(q, server[0], port=server[1], timeout=0.1)
-            return
-        except (dns.exception.Timeout, OSError):
-            continue
-    raise DnsBedError(f"{what} not answering on {server}:\n{log.read_text()[-3000:]}")
 
 
 class DnsBed:
     """Private DNSSEC world on loopback. Declare zones, then start(); stop() ends it all."""
 
     def __init__(self, workdir: Path | str, *, nonvalidating: bool = True,
-                 val_override_date: str | None = None) -> None:
+                 val_override_date: str | dt.datetime | None = None) -> None:
+        """workdir: configs, zone files, logs, pid files. nonvalidating: also start the
+        iterator-only Unbound. val_override_date: the validating Unbound's clock
+        ("YYYYMMDDHHMMSS" UTC or a datetime), for signature-expiry cases."""
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(val_override_date, dt.datetime):
+            val_override_date = val_override_date.astimezone(dt.UTC).strftime("%Y%m%d%H%M%S")
         self.val_override_date = val_override_date
         self.zones: dict[dns.name.Name, ZoneSpec] = {}
-        self.nsd_server: Addr = (_random_addr(), 0)
-        self.resolver: Addr = (_random_addr(), 0)
-        self.nonvalidating_resolver: Addr | None = (_random_addr(), 0) if nonvalidating else None
-        self.servfail_server: Addr = (_random_addr(), 0)
-        self.dead_resolver: Addr = (_random_addr(), 0)
-        self.silent_resolver: Addr = (_random_addr(), 0)
+        self.nsd_server: Addr = (random_addr(), 0)
+        self.resolver: Addr = (random_addr(), 0)
+        self.nonvalidating_resolver: Addr | None = (random_addr(), 0) if nonvalidating else None
+        self.servfail_server: Addr = (random_addr(), 0)
+        self.dead_resolver: Addr = (random_addr(), 0)
+        self.silent_resolver: Addr = (random_addr(), 0)
         self.setup_seconds = 0.0
         self._nsd: subprocess.Popen[bytes] | None = None
         self._unbound: subprocess.Popen[bytes] | None = None
@@ -350,17 +295,17 @@ class DnsBed:
     def _allocate(self) -> None:
         if self.nsd_server[1]:
             return
-        self.nsd_server = (self.nsd_server[0], _free_port(self.nsd_server[0]))
-        self.resolver = (self.resolver[0], _free_port(self.resolver[0]))
+        self.nsd_server = (self.nsd_server[0], free_port(self.nsd_server[0]))
+        self.resolver = (self.resolver[0], free_port(self.resolver[0]))
         if self.nonvalidating_resolver:
             a = self.nonvalidating_resolver[0]
-            self.nonvalidating_resolver = (a, _free_port(a))
-        self.dead_resolver = (self.dead_resolver[0], _free_port(self.dead_resolver[0]))
+            self.nonvalidating_resolver = (a, free_port(a))
+        self.dead_resolver = (self.dead_resolver[0], free_port(self.dead_resolver[0]))
         self._start_silent()
 
     def _start_silent(self) -> None:
         addr = self.silent_resolver[0]
-        port = _free_port(addr)
+        port = free_port(addr)
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         u.bind((addr, port))
         t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -375,9 +320,9 @@ class DnsBed:
         proc = subprocess.Popen(
             [sys.executable, str(SERVFAIL_SCRIPT), self.servfail_server[0],
              str(self.servfail_server[1])],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=_die_with_parent,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=preexec(),
         )
-        _LIVE.add(proc)
+        track(proc)
         self._servfail = proc
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -388,30 +333,30 @@ class DnsBed:
     def _start_nsd(self) -> None:
         conf = self._nsd_conf()
         log = self.dir / "nsd.out"
-        self._nsd = _spawn(["nsd", "-d", "-c", str(conf)], log)
-        _wait_answering(self._nsd, self.nsd_server, ".", "SOA", log, "NSD")
+        self._nsd = spawn(["nsd", "-d", "-c", str(conf)], log)
+        wait_answering(self._nsd, self.nsd_server, ".", "SOA", log, "NSD")
 
     def _start_unbounds(self) -> None:
         conf = self._unbound_conf(self.resolver, True, "unbound")
-        self._unbound = _spawn(["unbound", "-d", "-c", str(conf)], self.dir / "unbound.out")
+        self._unbound = spawn(["unbound", "-d", "-c", str(conf)], self.dir / "unbound.out")
         nv = self.nonvalidating_resolver
         if nv is not None:
             conf_nv = self._unbound_conf(nv, False, "unbound-nv")
-            self._unbound_nv = _spawn(["unbound", "-d", "-c", str(conf_nv)],
+            self._unbound_nv = spawn(["unbound", "-d", "-c", str(conf_nv)],
                                       self.dir / "unbound-nv.out")
-        _wait_answering(self._unbound, self.resolver, "localhost.", "A",
+        wait_answering(self._unbound, self.resolver, "localhost.", "A",
                         self.dir / "unbound.log", "Unbound")
         if nv is not None and self._unbound_nv is not None:
-            _wait_answering(self._unbound_nv, nv, "localhost.", "A",
+            wait_answering(self._unbound_nv, nv, "localhost.", "A",
                             self.dir / "unbound-nv.log", "Unbound (non-validating)")
 
     def reload(self) -> None:
         """Apply zone changes made after start(): re-sign and rewrite every zone, restart
         NSD and both Unbounds (same addresses and ports; caches emptied)."""
         began = time.monotonic()
-        _kill(self._unbound)
-        _kill(self._unbound_nv)
-        _kill(self._nsd)
+        kill(self._unbound)
+        kill(self._unbound_nv)
+        kill(self._nsd)
         self._write_zones()
         self._start_nsd()
         self._start_unbounds()
@@ -419,14 +364,14 @@ class DnsBed:
 
     def flush(self) -> None:
         """Empty the resolvers' caches (restarts both Unbounds on the same address/port)."""
-        _kill(self._unbound)
-        _kill(self._unbound_nv)
+        kill(self._unbound)
+        kill(self._unbound_nv)
         self._start_unbounds()
 
     def stop(self) -> None:
         """Stop every process the bed started (by PID) and close its sockets."""
         for proc in (self._unbound, self._unbound_nv, self._nsd, self._servfail):
-            _kill(proc)
+            kill(proc)
         self._unbound = self._unbound_nv = self._nsd = self._servfail = None
         for s in self._silent:
             s.close()
@@ -439,6 +384,11 @@ class DnsBed:
         self.stop()
 
     # ----- conveniences -------------------------------------------------------------------
+
+    @property
+    def nameserver(self) -> str:
+        """The validating Unbound as "ip:port" (for the relay's `dns.nameservers`)."""
+        return hostport(self.resolver)
 
     def query(self, name: str, rdtype: str | int = "A", *, cd: bool = False,
               server: Addr | None = None, timeout: float = 5.0) -> dns.message.Message:
@@ -475,7 +425,7 @@ def dnsbed_fixture(world: Callable[[DnsBed], None] | None = None, *,
     return _fixture
 
 
-# Module-scoped fixture: declares the world with the test module's `dnsbed_world(bed)`
-# function if it has one. Import it into the test module:
-#     from tests.support.dnsbed import dnsbed  (with noqa F401)
+# Ready-made module-scoped fixture: declares the world with the test module's
+# `dnsbed_world(bed)` function if it has one. Importing it works for pytest, but ruff then
+# reports F811 at every test taking `dnsbed`: prefer `dnsbed = dnsbed_fixture(world)`.
 dnsbed = dnsbed_fixture()

@@ -179,6 +179,11 @@ class ZoneSpec:
         self._add_damage("expire", name, rdtype)
         return self
 
+    def repair(self) -> ZoneSpec:
+        """Forget every break_rrsig/expire_rrsig (takes effect at the next start/reload)."""
+        self.damage.clear()
+        return self
+
     def _add_damage(self, kind: str, name: str, rdtype: str | int) -> None:
         if not self.signed:
             raise ValueError(f"zone {self.origin} is unsigned: no RRSIG to damage")
