@@ -245,6 +245,10 @@ def test_reload_after_start_and_stop(tmp_path: pytest.TempPathFactory) -> None:
     assert all(p.poll() is not None for p in procs)
     with pytest.raises(dns.exception.Timeout):
         bed.query("mx.one.test", "A", timeout=0.3)
+    with bed:  # starts again on the same addresses and ports
+        assert ad(bed.query("mx.one.test", "A"))
+        with pytest.raises(dns.exception.Timeout):
+            query(bed.silent_resolver, "mx.one.test", "A", timeout=0.3)
 
 
 def test_val_override_date_shifts_the_validator_clock(tmp_path: pytest.TempPathFactory) -> None:

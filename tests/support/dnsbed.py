@@ -293,7 +293,9 @@ class DnsBed:
         return self
 
     def _allocate(self) -> None:
-        if self.nsd_server[1]:
+        if self.nsd_server[1]:  # started before: same addresses and ports again
+            if not self._silent:
+                self._start_silent()
             return
         self.nsd_server = (self.nsd_server[0], free_port(self.nsd_server[0]))
         self.resolver = (self.resolver[0], free_port(self.resolver[0]))
@@ -305,7 +307,7 @@ class DnsBed:
 
     def _start_silent(self) -> None:
         addr = self.silent_resolver[0]
-        port = free_port(addr)
+        port = self.silent_resolver[1] or free_port(addr)
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         u.bind((addr, port))
         t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
