@@ -22,6 +22,7 @@ EVENTS: dict[str, str] = {
     "stopped": "the relay has stopped",
     "storage_error": "the queue store failed a write (kind, detail)",
     "storage_recovered": "writes succeed again after a storage error",
+    "internal_error": "an unexpected exception was contained (session or component, error)",
     # intake
     "connect": "a client connected (client_ip)",
     "disconnect": "a client went away (client_ip)",

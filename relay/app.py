@@ -1,0 +1,164 @@
+"""`relay serve`: the composition root. Builds everything from the config, runs it, drains.
+
+Long-running parts are *components* (`Component`): started in order, watched while they
+run (one ending on its own is fatal: the relay drains and exits 1), drained together on
+the first SIGTERM/SIGINT with one deadline, then stopped in reverse order. The queue
+store is opened before any component and closed after all of them, so every
+transaction that was answered, or is still being answered, reaches its COMMIT first.
+Adding the delivery scheduler or another server is one more entry in `components`.
+
+Exit status: 0 after a clean stop, 1 on a runtime failure (store corrupt, port taken,
+a component died), 2 on a configuration error; a second signal exits at once with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import ssl
+from collections.abc import Sequence
+from typing import Protocol
+
+from relay import __version__
+from relay import config as configmod
+from relay import log as relay_log
+from relay.auth import UserDb
+from relay.config import Config
+from relay.listener import Intake, IntakeSettings, Listener, load_tls, load_users
+from relay.log import event
+from relay.store import Store
+
+DRAIN_TIMEOUT = 30.0  # seconds the first signal waits for open work before stopping
+
+
+class Component(Protocol):
+    """A long-running part of the relay.
+
+    - `start()`: bind, spawn, get ready; raises RelayError when it cannot.
+    - `wait()`: returns (or raises) only if the component stops on its own, which the
+      app treats as fatal; components without background work wait forever.
+    - `drain(deadline)`: stop taking new work, finish what is in flight by `deadline`
+      (event-loop time).
+    - `stop()`: release everything at once; idempotent.
+    """
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def wait(self) -> None: ...
+
+    async def drain(self, deadline: float) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class App:
+    """Runs components until asked to stop (or one of them fails), then drains them."""
+
+    def __init__(self, components: Sequence[Component], *,
+                 drain_timeout: float = DRAIN_TIMEOUT) -> None:
+        self.components = list(components)
+        self.drain_timeout = drain_timeout
+        self.stopping = False
+        self._stop = asyncio.Event()
+        self._reason = ""
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self._reason = reason
+            self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        started: list[Component] = []
+        watchers: dict[asyncio.Task[None], Component] = {}
+        code = 0
+        try:
+            for component in self.components:
+                await component.start()
+                started.append(component)
+            for component in started:
+                watchers[loop.create_task(component.wait(), name=component.name)] = component
+            stop_wait = loop.create_task(self._stop.wait())
+            done, _ = await asyncio.wait([stop_wait, *watchers],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            for task in done:
+                if task in watchers:
+                    exc = task.exception()
+                    detail = f"{type(exc).__name__}: {exc}" if exc else "ended"
+                    event("draining", level="error", reason=f"{watchers[task].name} {detail}")
+                    self.stopping, code = True, 1
+                    break
+            else:
+                event("draining", reason=self._reason, timeout=self.drain_timeout)
+            deadline = loop.time() + self.drain_timeout
+            await asyncio.gather(*(c.drain(deadline) for c in started), return_exceptions=True)
+        finally:
+            for task in watchers:
+                task.cancel()
+            for component in reversed(started):
+                try:
+                    await component.stop()
+                except Exception as exc:
+                    event("internal_error", level="error", component=component.name,
+                          error=f"{type(exc).__name__}: {exc}")
+                    code = code or 1
+        return code
+
+
+def build_components(cfg: Config, store: Store, *, tls: ssl.SSLContext | None,
+                     users: UserDb | None) -> list[Component]:
+    """Everything `relay serve` runs, from the config."""
+    lc = cfg.listener
+    hostname = lc.hostname or socket.getfqdn()
+    intake = Intake(IntakeSettings.from_config(lc, hostname), store, tls_context=tls,
+                    users=users)
+    components: list[Component] = [Listener(intake, lc.host, lc.port)]
+    return components
+
+
+def _install_signals(app: App) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(name: str) -> None:
+        if app.stopping:
+            event("stopped", level="warning", signal=name, forced=True)
+            os._exit(1)
+        app.request_stop(name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+
+async def serve(cfg: Config, source: str) -> int:
+    event("starting", config=source, version=__version__, pid=os.getpid())
+    # Checked before the store is touched: a bad TLS or users file is a config error.
+    tls = load_tls(cfg.listener)
+    users = load_users(cfg.listener, tls)
+    store = await Store.open(cfg.queue.path, commit_batch=cfg.queue.commit_batch)
+    try:
+        app = App(build_components(cfg, store, tls=tls, users=users))
+        _install_signals(app)
+        code = await app.run()
+    finally:
+        await store.close()
+    event("stopped", code=code)
+    return code
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    path, explicit = configmod.resolve_path(getattr(args, "config", None), os.environ)
+    cfg = configmod.load(getattr(args, "config", None))
+    relay_log.configure(fmt=getattr(args, "log_format", None) or cfg.log.format,
+                        level=cfg.log.level)
+    source = str(path) if (explicit or path.exists()) else "defaults"
+    try:
+        return asyncio.run(serve(cfg, source))
+    except KeyboardInterrupt:
+        return 130

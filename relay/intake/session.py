@@ -1,0 +1,594 @@
+"""One SMTP server session: aiosmtpd's protocol with the parts the relay cannot trust replaced.
+
+aiosmtpd (1.4.6) keeps the connection plumbing (StreamReaderProtocol, the STARTTLS
+transport swap that also discards plaintext sent behind STARTTLS, AUTH challenges).
+Replaced here, because its versions are unsafe or too lax for a relay:
+- the command loop: lines must end in CRLF and carry no bare CR or NUL, invalid UTF-8
+  is refused, every refusal is logged, errors are bounded, draining answers 421;
+- HELO/EHLO (the keywords we offer), MAIL/RCPT (RFC 5321 grammar, routing forms,
+  SMTPUTF8, relay authorization, limits), AUTH (never its async-authenticator trap);
+- DATA: read as raw lines, so bare CR, bare LF and NUL (SMTP smuggling) are seen and
+  refused with 550 5.5.2; the size is counted while receiving and nothing is buffered
+  past the limit; the DATA phase has its own deadline (aiosmtpd does not reset its
+  timer during DATA).
+Policy and storage live in relay.listener.Intake; this class speaks the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.sslproto as sslproto
+import binascii
+import ipaddress
+import secrets
+import time
+from base64 import b64decode
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import MISSING, SMTP
+
+from relay.intake.address import NEED_SMTPUTF8, Path, Refusal, parse_path
+from relay.log import event
+
+if TYPE_CHECKING:
+    from relay.listener import Intake
+
+MAX_COMMAND = 1000  # octets of a command line (RFC 5321 §4.5.3.1.4 says 512; be lenient)
+MAX_AUTH_COMMAND = 12288  # RFC 4954 §4
+MAX_ERRORS = 50  # refused commands per session before 421
+MAX_AUTH_FAILURES = 3
+
+BARE = "bare"
+TOO_BIG = "size"
+TOO_LONG = "line"
+
+DATA_REPLIES = {
+    BARE: "550 5.5.2 Message refused: bare CR, bare LF or NUL in message data "
+          "(lines must end with CRLF)",
+    TOO_BIG: "552 5.3.4 Message size exceeds fixed maximum message size",
+    TOO_LONG: "500 5.5.2 Message line too long (see RFC 5321 section 4.5.3.1.6)",
+}
+
+
+@dataclass
+class Transaction:
+    """What MAIL FROM started: the envelope so far."""
+
+    sender: str
+    smtputf8: bool = False
+    body_8bit: bool = False
+    recipients: list[str] = field(default_factory=list)
+
+
+def client_address(peer: Any) -> str:
+    """The client IP as text; IPv4-mapped IPv6 addresses as IPv4."""
+    host = peer[0] if isinstance(peer, tuple | list) and peer else str(peer or "")
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return str(host)
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return str(mapped or addr)
+
+
+class IntakeSession(SMTP):
+    """The protocol object of one client connection (see the module docstring)."""
+
+    _txn: Transaction | None = None
+    _lost = False
+
+    def __init__(self, intake: Intake, loop: asyncio.AbstractEventLoop) -> None:
+        s = intake.settings
+        self.line_length_limit = s.max_line_length  # the StreamReader's limit
+        super().__init__(
+            intake, data_size_limit=s.max_message_size, enable_SMTPUTF8=True,
+            decode_data=False, hostname=s.hostname, ident="ESMTP dane-relay",
+            tls_context=intake.tls_context, timeout=s.command_timeout, loop=loop,
+        )
+        self.intake = intake
+        self.sid = secrets.token_hex(5)
+        self.client_ip = ""
+        self.auth_user: str | None = None
+        self.messages = 0
+        self.idle = False  # waiting for a command with no transaction open
+        self.admitted = False
+        self.in_data = False
+        self._errors = 0
+        self._auth_failures = 0
+        self._close_reason = "eof"
+        self._started = time.monotonic()
+
+    # --- connection life cycle ---------------------------------------------------------
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self.intake.release(self)
+        event("disconnect", session=self.sid, client_ip=self.client_ip,
+              reason=self._close_reason, messages=self.messages,
+              seconds=round(time.monotonic() - self._started, 3))
+        super().connection_lost(error)
+
+    def _set_rset_state(self) -> None:
+        super()._set_rset_state()
+        self._txn = None
+
+    def _timeout_cb(self) -> None:
+        self._close_reason = "timeout"
+        self._abort(f"421 4.4.2 {self.hostname} Error: timeout exceeded",
+                    command="DATA" if self.in_data else "")
+
+    def _abort(self, reply: str, *, command: str = "", reason: str | None = None) -> None:
+        """Send a final 421 without waiting and close (timeouts, shutdown)."""
+        if reason:
+            self._close_reason = reason
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        event("rejected", session=self.sid, client_ip=self.client_ip, command=command,
+              reply=reply)
+        try:
+            transport.write(reply.encode("ascii") + b"\r\n")
+        except Exception:
+            pass
+        transport.close()
+
+    def shutdown_idle(self) -> None:
+        """Draining: close this session now if it waits for a command outside a transaction."""
+        if self.idle and self._txn is None:
+            self._abort(f"421 4.3.2 {self.hostname} Service shutting down, try again later",
+                        reason="shutdown")
+
+    def close_now(self, reason: str) -> None:
+        self._close_reason = reason
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_protocol is not None and self.session is not None \
+            and self.session.ssl is not None
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.session and self.session.authenticated)
+
+    def tls_info(self) -> tuple[str | None, str | None]:
+        if not self.tls_active or self.transport is None:
+            return None, None
+        obj = self.transport.get_extra_info("ssl_object")
+        if obj is None:
+            return None, None
+        cipher = obj.cipher()
+        return obj.version(), cipher[0] if cipher else None
+
+    # --- replies -----------------------------------------------------------------------
+
+    async def reply(self, text: str, *, command: str = "", **fields: Any) -> None:
+        """Send one reply; a 4xx/5xx is logged as `rejected` and counted."""
+        if text[:1] in ("4", "5"):
+            event("rejected", session=self.sid, client_ip=self.client_ip, command=command,
+                  reply=text, **fields)
+            self._errors += 1
+        await self.push(text)
+        if self._errors >= MAX_ERRORS and self.transport is not None:
+            self._abort(f"421 4.7.0 {self.hostname} Error: too many errors", reason="errors")
+
+    # --- the command loop --------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        assert self.session is not None
+        self.client_ip = client_address(self.session.peer)
+        port = self.session.peer[1] if isinstance(self.session.peer, tuple) else None
+        event("connect", session=self.sid, client_ip=self.client_ip, client_port=port)
+        refusal = self.intake.admit(self)
+        if refusal is not None:
+            self._abort(refusal, command="CONNECT", reason="limit")
+            return
+        self.admitted = True
+        try:
+            await self.push(f"220 {self.hostname} ESMTP dane-relay")
+            while self.transport is not None and not self.transport.is_closing():
+                self._reset_timeout(self.intake.settings.command_timeout)
+                self.idle = self._txn is None
+                if self.idle and self.intake.draining:
+                    self.shutdown_idle()
+                    return
+                try:
+                    line = await self._read_command()
+                finally:
+                    self.idle = False
+                if line is None:
+                    return
+                await self._command(line)
+        except asyncio.CancelledError:
+            self._writer.close()
+            raise
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self.close_now("eof")
+        except Exception as exc:  # a bug must cost one session, never the relay
+            event("internal_error", level="error", session=self.sid,
+                  client_ip=self.client_ip, error=f"{type(exc).__name__}: {exc}")
+            self._abort("421 4.3.0 Internal error, closing connection", reason="error")
+
+    async def _read_command(self) -> bytes | None:
+        """One command line with its line end; b"" when it was too long (discarded)."""
+        try:
+            return await self._reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError:
+            return None
+        except asyncio.LimitOverrunError as exc:
+            await self._reader.readexactly(exc.consumed)
+            while True:
+                try:
+                    await self._reader.readuntil(b"\n")
+                    return b""
+                except asyncio.LimitOverrunError as more:
+                    await self._reader.readexactly(more.consumed)
+
+    async def _command(self, raw: bytes) -> None:
+        if not raw:
+            await self.reply("500 5.5.2 Error: line too long", command="?")
+            return
+        if not raw.endswith(b"\r\n"):
+            await self.reply("500 5.5.2 Error: command line must end with CRLF", command="?")
+            return
+        line = raw[:-2]
+        if b"\r" in line or b"\x00" in line:
+            await self.reply("500 5.5.2 Error: bare CR or NUL in command", command="?")
+            return
+        verb_bytes, _, arg_bytes = line.partition(b" ")
+        verb = verb_bytes.decode("ascii", "replace").upper()
+        if not verb.isascii() or not verb.isalpha() or len(verb) > 12:
+            await self.reply("500 5.5.2 Error: command not recognized", command="?")
+            return
+        limit = MAX_AUTH_COMMAND if verb == "AUTH" else MAX_COMMAND
+        if len(raw) > limit:
+            await self.reply("500 5.5.2 Error: line too long", command=verb)
+            return
+        try:
+            arg = arg_bytes.decode("utf-8").strip(" ")
+        except UnicodeDecodeError:
+            await self.reply("500 5.5.2 Error: invalid UTF-8 in command", command=verb)
+            return
+        if self.intake.draining and self._txn is None and verb != "QUIT":
+            self._abort(f"421 4.3.2 {self.hostname} Service shutting down, try again later",
+                        command=verb, reason="shutdown")
+            return
+        if (not self._tls_handshake_okay) and verb != "QUIT":
+            await self.reply("554 5.7.0 Command refused due to lack of security", command=verb)
+            return
+        method = getattr(self, f"cmd_{verb}", None)
+        if method is None:
+            if verb in ("VRFY", "EXPN", "ETRN", "TURN", "BDAT"):
+                await self.reply(f"502 5.5.1 Error: {verb} not implemented", command=verb)
+            else:
+                await self.reply("500 5.5.2 Error: command not recognized", command=verb)
+            return
+        await method(arg)
+
+    # --- simple commands ---------------------------------------------------------------
+
+    async def cmd_NOOP(self, arg: str) -> None:
+        await self.push("250 2.0.0 Ok")
+
+    async def cmd_RSET(self, arg: str) -> None:
+        if arg:
+            await self.reply("501 5.5.4 Syntax: RSET", command="RSET")
+            return
+        self._txn = None
+        await self.push("250 2.0.0 Ok")
+
+    async def cmd_QUIT(self, arg: str) -> None:
+        self._close_reason = "quit"
+        await self.push("221 2.0.0 Bye")
+        if self.transport is not None:
+            self.transport.close()
+
+    async def cmd_HELP(self, arg: str) -> None:
+        await self.push("214 2.0.0 See RFC 5321; this is an SMTP relay")
+
+    async def cmd_HELO(self, arg: str) -> None:
+        await self._greet(arg, esmtp=False)
+
+    async def cmd_EHLO(self, arg: str) -> None:
+        await self._greet(arg, esmtp=True)
+
+    async def _greet(self, arg: str, *, esmtp: bool) -> None:
+        verb = "EHLO" if esmtp else "HELO"
+        if not arg:
+            await self.reply(f"501 5.5.4 Syntax: {verb} hostname", command=verb)
+            return
+        assert self.session is not None
+        self._txn = None
+        self.session.host_name = arg
+        self.session.extended_smtp = esmtp
+        if not esmtp:
+            await self.push(f"250 {self.hostname}")
+            return
+        lines = [self.hostname, "PIPELINING", f"SIZE {self.intake.settings.max_message_size}",
+                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        if self.tls_context is not None and self._tls_protocol is None:
+            lines.append("STARTTLS")
+        if self.intake.auth_enabled and self.tls_active:
+            lines.append("AUTH PLAIN LOGIN")
+        for i, text in enumerate(lines):
+            await self.push(f"250{'-' if i < len(lines) - 1 else ' '}{text}")
+
+    # --- STARTTLS and AUTH -------------------------------------------------------------
+
+    async def cmd_STARTTLS(self, arg: str) -> None:
+        if arg:
+            await self.reply("501 5.5.4 Syntax: STARTTLS", command="STARTTLS")
+            return
+        if self.tls_context is None:
+            await self.reply("502 5.5.1 Error: STARTTLS not available", command="STARTTLS")
+            return
+        if self._tls_protocol is not None:
+            await self.reply("503 5.5.1 Error: TLS already active", command="STARTTLS")
+            return
+        await self.push("220 2.0.0 Ready to start TLS")
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(
+            self.loop, self, self.tls_context, waiter, server_side=True)
+        self._original_transport = self.transport
+        assert self._original_transport is not None
+        self._original_transport.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(self._original_transport)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            event("rejected", session=self.sid, client_ip=self.client_ip, command="STARTTLS",
+                  reply=f"TLS handshake failed: {type(exc).__name__}")
+            self._close_reason = "tls_failed"
+            self._original_transport.close()
+            self.connection_lost(exc)
+            if self._handler_coroutine is not None:
+                self._handler_coroutine.cancel()
+
+    async def cmd_AUTH(self, arg: str) -> None:
+        assert self.session is not None
+        if not self.intake.auth_enabled:
+            await self.reply("502 5.5.1 Error: AUTH not available", command="AUTH")
+            return
+        if not self.session.host_name or not self.session.extended_smtp:
+            await self.reply("503 5.5.1 Error: send EHLO first", command="AUTH")
+            return
+        if not self.tls_active:
+            await self.reply("538 5.7.11 Encryption required for requested authentication "
+                             "mechanism", command="AUTH")
+            return
+        if self.session.authenticated:
+            await self.reply("503 5.5.1 Error: already authenticated", command="AUTH")
+            return
+        if self._txn is not None:
+            await self.reply("503 5.5.1 Error: AUTH not permitted during a mail transaction",
+                             command="AUTH")
+            return
+        parts = arg.split(" ")
+        if not arg or len(parts) > 2:
+            await self.reply("501 5.5.4 Syntax: AUTH mechanism [initial-response]",
+                             command="AUTH")
+            return
+        mech = parts[0].upper()
+        initial = parts[1] if len(parts) == 2 else None
+        if mech not in ("PLAIN", "LOGIN"):
+            await self.reply("504 5.5.4 Unrecognized authentication type", command="AUTH")
+            return
+        creds = await self._credentials(mech, initial)
+        if creds is None:
+            self._errors += 1
+            return
+        user, password = creds
+        ok = await self.intake.authenticate(user, password)
+        event("auth", session=self.sid, client_ip=self.client_ip, user=user[:64],
+              mechanism=mech, success=ok)
+        if ok:
+            self.session.authenticated = True
+            self.auth_user = user
+            await self.push("235 2.7.0 Authentication successful")
+            return
+        self._auth_failures += 1
+        await self.reply("535 5.7.8 Authentication credentials invalid", command="AUTH")
+        if self._auth_failures >= MAX_AUTH_FAILURES:
+            self._abort(f"421 4.7.0 {self.hostname} Error: too many failed authentications",
+                        command="AUTH", reason="auth_failures")
+
+    async def _b64(self, initial: str | None, challenge: str) -> bytes | None:
+        if initial is None:
+            got = await self.challenge_auth(challenge)
+            return None if got is MISSING else got  # type: ignore[return-value]
+        if initial == "=":
+            return b""
+        try:
+            return b64decode(initial, validate=True)
+        except (binascii.Error, ValueError):
+            await self.reply("501 5.5.2 Error: cannot decode base64", command="AUTH")
+            return None
+
+    async def _credentials(self, mech: str, initial: str | None) -> tuple[str, bytes] | None:
+        """(user, password) from the client, or None after a reply was sent."""
+        if mech == "PLAIN":
+            blob = await self._b64(initial, "")
+            if blob is None:
+                return None
+            fields = blob.split(b"\x00")
+            if len(fields) != 3:
+                await self.reply("501 5.5.2 Error: malformed PLAIN response", command="AUTH")
+                return None
+            authz, login, password = fields
+            if authz and authz != login:  # no proxy authorization
+                login = b"\x00"  # matches no user: a plain failure
+        else:
+            got = await self._b64(initial, "Username:")
+            if got is None:
+                return None
+            login = got
+            pw = await self._b64(None, "Password:")
+            if pw is None:
+                return None
+            password = pw
+        try:
+            user = login.decode("utf-8")
+        except UnicodeDecodeError:
+            user = "\x00"
+        return user, password
+
+    # --- the mail transaction ----------------------------------------------------------
+
+    async def _path(self, verb: str, arg: str, keyword: str, role: str) -> Path | None:
+        assert self.session is not None
+        if not self.session.host_name:
+            await self.reply("503 5.5.1 Error: send HELO/EHLO first", command=verb)
+            return None
+        if arg[: len(keyword)].upper() != keyword:
+            await self.reply(f"501 5.5.4 Syntax: {verb} {keyword}<address>", command=verb)
+            return None
+        parsed = parse_path(arg[len(keyword):], role=role)
+        if isinstance(parsed, Refusal):
+            await self.reply(parsed.reply, command=verb)
+            return None
+        if parsed.params and not self.session.extended_smtp:
+            await self.reply("501 5.5.4 Error: parameters need EHLO", command=verb)
+            return None
+        return parsed
+
+    async def cmd_MAIL(self, arg: str) -> None:
+        if self._txn is not None:
+            await self.reply("503 5.5.1 Error: nested MAIL command", command="MAIL")
+            return
+        path = await self._path("MAIL", arg, "FROM:", "sender")
+        if path is None:
+            return
+        params = dict(path.params)
+        body = (params.pop("BODY", None) or "7BIT").upper()
+        if body not in ("7BIT", "8BITMIME"):
+            await self.reply("501 5.5.4 Error: BODY must be 7BIT or 8BITMIME", command="MAIL")
+            return
+        smtputf8 = "SMTPUTF8" in params
+        if params.pop("SMTPUTF8", None) is not None:
+            await self.reply("501 5.5.4 Error: SMTPUTF8 takes no value", command="MAIL")
+            return
+        size = params.pop("SIZE", None)
+        if size is not None:
+            if not size.isdigit() or len(size) > 20:
+                await self.reply("501 5.5.4 Error: bad SIZE value", command="MAIL")
+                return
+            if int(size) > self.intake.settings.max_message_size:
+                await self.reply("552 5.3.4 Message size exceeds fixed maximum message size",
+                                 command="MAIL", sender=path.address)
+                return
+        params.pop("AUTH", None)  # RFC 4954 §5: may be ignored
+        if params:
+            await self.reply(f"555 5.5.4 Error: unsupported parameter {sorted(params)[0]}",
+                             command="MAIL")
+            return
+        if path.mailbox is not None and not path.mailbox.ascii and not smtputf8:
+            await self.reply(NEED_SMTPUTF8.reply, command="MAIL")
+            return
+        self._txn = Transaction(path.address, smtputf8=smtputf8, body_8bit=body == "8BITMIME")
+        await self.push("250 2.1.0 Ok")
+
+    async def cmd_RCPT(self, arg: str) -> None:
+        if self._txn is None:
+            await self.reply("503 5.5.1 Error: need MAIL command", command="RCPT")
+            return
+        path = await self._path("RCPT", arg, "TO:", "recipient")
+        if path is None:
+            return
+        if path.params:
+            await self.reply(f"555 5.5.4 Error: unsupported parameter {next(iter(path.params))}",
+                             command="RCPT")
+            return
+        mailbox = path.mailbox
+        assert mailbox is not None
+        if mailbox.literal:
+            await self.reply("553 5.1.3 Address literals are not accepted as recipients",
+                             command="RCPT")
+            return
+        if not mailbox.ascii and not self._txn.smtputf8:
+            await self.reply(NEED_SMTPUTF8.reply, command="RCPT")
+            return
+        if not self.intake.relay_allowed(self.client_ip, self.authenticated):
+            await self.reply("554 5.7.1 Relay access denied", command="RCPT",
+                             recipient=mailbox.address[:300])
+            return
+        if len(self._txn.recipients) >= self.intake.settings.max_recipients:
+            await self.reply("452 4.5.3 Error: too many recipients", command="RCPT")
+            return
+        self._txn.recipients.append(mailbox.address)
+        await self.push("250 2.1.5 Ok")
+
+    async def cmd_DATA(self, arg: str) -> None:
+        txn = self._txn
+        if txn is None:
+            await self.reply("503 5.5.1 Error: need MAIL command", command="DATA")
+            return
+        if not txn.recipients:
+            await self.reply("554 5.5.1 Error: no valid recipients", command="DATA")
+            return
+        if arg:
+            await self.reply("501 5.5.4 Syntax: DATA", command="DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._reset_timeout(self.intake.settings.data_timeout)
+        self.in_data = True
+        try:
+            problem, body = await self.read_data()
+        finally:
+            self.in_data = False
+        self._txn = None
+        if problem is not None:
+            await self.reply(DATA_REPLIES[problem], command="DATA", sender=txn.sender)
+            return
+        self._reset_timeout(self.intake.settings.command_timeout)
+        status, fields = await self.intake.accept(self, txn, body)
+        if status.startswith("250"):
+            self.messages += 1
+            await self.push(status)
+        else:
+            await self.reply(status, command="DATA", **fields)
+
+    async def read_data(self) -> tuple[str | None, bytes]:
+        """Read message data up to CRLF.CRLF from the raw stream.
+
+        Returns (problem, body): problem is None, BARE, TOO_BIG or TOO_LONG (the first
+        seen); the body is dot-unstuffed with CRLF line ends (empty after a problem).
+        Reading always continues to the real end of data, so nothing the client sent
+        inside the message is ever taken for a command.
+        """
+        limit = self.intake.settings.max_message_size
+        parts: list[bytes] = []
+        size = 0
+        problem: str | None = None
+        line_start = True
+        reader = self._reader
+        while True:
+            try:
+                chunk = await reader.readuntil(b"\r\n")
+                complete = True
+            except asyncio.LimitOverrunError as exc:
+                chunk = await reader.readexactly(exc.consumed)
+                complete = False
+                problem = problem or TOO_LONG
+            if line_start and chunk == b".\r\n":
+                break
+            inner = chunk[:-2] if complete else chunk[:-1]
+            if b"\n" in chunk[:-1] or b"\r" in inner or b"\x00" in chunk:
+                problem = problem or BARE
+            if problem is None:
+                if line_start and chunk[:1] == b".":
+                    chunk = chunk[1:]
+                size += len(chunk)
+                if size > limit:
+                    problem = TOO_BIG
+                    parts.clear()
+                else:
+                    parts.append(chunk)
+            line_start = complete
+        return problem, (b"".join(parts) if problem is None else b"")
