@@ -35,7 +35,6 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import format_datetime
 
 from relay import codes as codetable
 
@@ -154,11 +153,24 @@ def address_field(address: str, budget: int = 960) -> str:
     return f"utf-8; {encoded}"
 
 
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
 def format_date(when: datetime) -> str:
-    """RFC 5322 date-time; a naive datetime is taken as UTC."""
+    """RFC 5322 §3.3 date-time (``Mon, 06 May 2024 07:08:09 +0200``); naive = UTC.
+
+    Written here rather than with email.utils, which imports socket (pure module rule).
+    """
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return format_datetime(when)
+    offset = when.utcoffset()
+    minutes = int(offset.total_seconds() // 60) if offset else 0
+    sign = "-" if minutes < 0 else "+"
+    hh, mm = divmod(abs(minutes), 60)
+    return (f"{_DAYS[when.weekday()]}, {when.day:02d} {_MONTHS[when.month - 1]} "
+            f"{when.year:04d} {when.hour:02d}:{when.minute:02d}:{when.second:02d} "
+            f"{sign}{hh:02d}{mm:02d}")
 
 
 def _status_for(code: str, action: str) -> str:

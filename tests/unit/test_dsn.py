@@ -6,9 +6,11 @@ import email
 import email.policy
 import quopri
 import re
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 from email.message import EmailMessage, Message
-from email.utils import parsedate_to_datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any
 
 import pytest
@@ -513,3 +515,22 @@ def test_qp_text_part_decodes_exactly() -> None:
         part.get_content().replace("\r\n", "\n") + "\n\n",
         part.get_content().replace("\r\n", "\n") + "\n",
         part.get_content().replace("\r\n", "\n"))
+
+
+@pytest.mark.parametrize("when", [
+    datetime(2024, 2, 29, 23, 59, 59, tzinfo=UTC),
+    datetime(1999, 12, 31, 0, 0, 0, 999999, tzinfo=timezone(timedelta(hours=-5, minutes=-30))),
+    datetime(2030, 7, 1, 12, 0, tzinfo=timezone(timedelta(hours=14))),
+])
+def test_format_date_matches_the_stdlib(when: datetime) -> None:
+    assert dsn.format_date(when) == format_datetime(when)
+    assert parsedate_to_datetime(dsn.format_date(when)) == when.replace(microsecond=0)
+
+
+def test_pure_module_imports_no_io() -> None:
+    code = ("import sys; import relay.dsn, relay.classify, relay.retry; "
+            "bad = {'socket', 'ssl', 'asyncio', 'aiosqlite'} & set(sys.modules); "
+            "print(sorted(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
