@@ -1,0 +1,534 @@
+"""RFC 7672 DANE matching: (TLSA records, presented chain, reference names, now) -> Verdict.
+
+Pure: no I/O, no clock. Rules (SPEC.md "DANE rules in detail"): usable records are usage
+DANE-TA(2)/DANE-EE(3), selector 0/1, matching type 0/1/2 with well-formed data; all else
+is ignored. Digest agility (RFC 7671 §9): per (usage, selector) only the strongest digest
+published counts; Full(0) always does. DANE-EE matches the leaf with no name or date check
+(RFC 7672 §3.1.1) unless `ee_check_expiry`. DANE-TA matches a certificate at depth >= 1,
+or is a `2 0 0` certificate / `2 1 0` key from DNS; the path from the leaf up to it is then
+validated with it as the only root: signatures, CA constraints, the leaf's names, and the
+dates of every certificate below the anchor (RFC 5280 §6.1: not the anchor's own).
+Depths follow OpenSSL's SSL_get0_dane_authority(): DANE-EE 0; a DANE-TA certificate its
+index in the verified chain (one from DNS sits above the last certificate it issued); a
+bare key from DNS the depth of the top-most certificate it signed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.x509.oid import NameOID
+
+from relay.codes import CERT_EXPIRED, TLSA_INVALID
+from relay.model import TlsaRecord
+
+DANE_TA, DANE_EE = 2, 3
+CERT, SPKI = 0, 1
+FULL, SHA2_256, SHA2_512 = 0, 1, 2
+_DIGEST_LEN = {SHA2_256: 32, SHA2_512: 64}
+_STRENGTH = {SHA2_256: 1, SHA2_512: 2}  # digest agility order: higher is stronger
+_MAX_STEPS = 2000  # DFS node expansions per verify() call (path building is bounded)
+_MAX_PATHS = 16  # candidate paths validated per trust anchor
+
+RecordLike = TlsaRecord | tuple[int, int, int, bytes]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The result of matching one host's chain against its TLSA records.
+
+    `ok` is the verdict. `code` is None when authenticated or when no record was usable
+    (`usable` False: TLS is still mandatory, without authentication), else "4.7.322" or
+    "4.7.323". `matched`/`depth` name the record and chain depth of the match; on a
+    failure they describe the DANE-TA match whose path failed, if there was one.
+    """
+
+    ok: bool
+    code: str | None
+    usable: bool
+    depth: int | None = None
+    matched: TlsaRecord | None = None
+    reason: str = ""
+
+
+# --- records -----------------------------------------------------------------------------
+
+
+def parse_tlsa_rdata(wire: bytes) -> TlsaRecord | None:
+    """TLSA RDATA (RFC 6698 §2.1) -> record, lengths unchecked; None when shorter than 3."""
+    raw = bytes(wire)
+    if len(raw) < 3:
+        return None
+    return TlsaRecord(raw[0], raw[1], raw[2], raw[3:])
+
+
+def as_record(record: RecordLike) -> TlsaRecord | None:
+    """A TlsaRecord from a record or a (usage, selector, mtype, data) tuple; None if neither."""
+    if isinstance(record, TlsaRecord):
+        return record
+    try:
+        usage, selector, mtype, data = record
+        if isinstance(data, bytes | bytearray | memoryview):
+            return TlsaRecord(int(usage), int(selector), int(mtype), bytes(data))
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def usable(record: RecordLike) -> bool:
+    """True for a well-formed DANE-TA/DANE-EE record with known selector and matching type."""
+    rec = as_record(record)
+    if rec is None or rec.usage not in (DANE_TA, DANE_EE):
+        return False
+    if rec.selector not in (CERT, SPKI) or rec.mtype not in (FULL, SHA2_256, SHA2_512):
+        return False
+    if rec.mtype in _DIGEST_LEN:
+        return len(rec.data) == _DIGEST_LEN[rec.mtype]
+    return _full_key(rec) is not None
+
+
+def digest_agility(records: Iterable[TlsaRecord]) -> list[TlsaRecord]:
+    """RFC 7671 §9: per (usage, selector) keep Full(0) and only the strongest digest type."""
+    recs = list(records)
+    best: dict[tuple[int, int], int] = {}
+    for r in recs:
+        if r.mtype in _STRENGTH:
+            key = (r.usage, r.selector)
+            best[key] = max(best.get(key, 0), _STRENGTH[r.mtype])
+    return [
+        r for r in recs
+        if r.mtype not in _STRENGTH or _STRENGTH[r.mtype] == best[(r.usage, r.selector)]
+    ]
+
+
+def usable_records(records: Iterable[RecordLike]) -> list[TlsaRecord]:
+    """The records verify() will try: usable ones, after digest agility, in input order."""
+    recs = [as_record(r) for r in records]
+    return digest_agility(r for r in recs if r is not None and usable(r))
+
+
+def association_data(der: bytes, selector: int, mtype: int) -> bytes:
+    """Certificate association data of a DER certificate (e.g. for `3 1 1` suggestions)."""
+    return _digest(mtype, der if selector == CERT else spki_der(der))
+
+
+def spki_der(cert_der: bytes) -> bytes:
+    """The SubjectPublicKeyInfo exactly as encoded in a DER certificate (RFC 6698 §1.1.2)."""
+    _, start, _ = _tlv(cert_der, 0)  # Certificate
+    _, pos, tbs_end = _tlv(cert_der, start)  # TBSCertificate
+    seen = 0  # serial, signature, issuer, validity, subject, subjectPublicKeyInfo
+    while pos < tbs_end:
+        tag, _, end = _tlv(cert_der, pos)
+        if not (seen == 0 and tag == 0xA0):  # [0] version is optional and not counted
+            seen += 1
+            if seen == 6:
+                if tag != 0x30:
+                    raise ValueError("SubjectPublicKeyInfo is not a SEQUENCE")
+                return cert_der[pos:end]
+        pos = end
+    raise ValueError("certificate has no SubjectPublicKeyInfo")
+
+
+def _tlv(buf: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, value start, end) of the DER element at `pos`."""
+    if pos + 2 > len(buf):
+        raise ValueError("truncated DER")
+    tag, length, start = buf[pos], buf[pos + 1], pos + 2
+    if length & 0x80:
+        n = length & 0x7F
+        if not 1 <= n <= 4 or start + n > len(buf):
+            raise ValueError("bad DER length")
+        length, start = int.from_bytes(buf[start:start + n], "big"), start + n
+    if start + length > len(buf):
+        raise ValueError("truncated DER")
+    return tag, start, start + length
+
+
+def _digest(mtype: int, raw: bytes) -> bytes:
+    if mtype == SHA2_256:
+        return hashlib.sha256(raw).digest()
+    if mtype == SHA2_512:
+        return hashlib.sha512(raw).digest()
+    return raw
+
+
+def _full_key(rec: TlsaRecord) -> tuple[bytes, Any, x509.Certificate | None] | None:
+    """(SPKI DER, public key, certificate or None) of a Full(0) record's data, or None."""
+    try:
+        if rec.selector == CERT:
+            cert = x509.load_der_x509_certificate(rec.data)
+            return spki_der(rec.data), cert.public_key(), cert
+        return rec.data, serialization.load_der_public_key(rec.data), None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+
+
+def _label(rec: TlsaRecord) -> str:
+    return f"{rec.usage} {rec.selector} {rec.mtype}"
+
+
+# --- certificates ------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Cert:
+    der: bytes
+    cert: x509.Certificate
+    spki: bytes
+
+    @property
+    def subject(self) -> str:
+        return self.cert.subject.rfc4514_string() or "(empty subject)"
+
+    @cached_property
+    def key(self) -> Any:
+        try:
+            return self.cert.public_key()
+        except (ValueError, UnsupportedAlgorithm):
+            return None
+
+
+def _load(der: bytes) -> _Cert | None:
+    try:
+        return _Cert(der, x509.load_der_x509_certificate(der), spki_der(der))
+    except (ValueError, TypeError):
+        return None
+
+
+def _matches(rec: TlsaRecord, c: _Cert) -> bool:
+    return _digest(rec.mtype, c.der if rec.selector == CERT else c.spki) == rec.data
+
+
+def _signature_ok(cert: x509.Certificate, key: Any) -> bool:
+    """Does `key` verify `cert`'s signature (RSA PKCS#1 v1.5 / PSS, ECDSA, EdDSA, DSA)?"""
+    sig, tbs = cert.signature, cert.tbs_certificate_bytes
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(sig, tbs, cert.signature_algorithm_parameters, cert.signature_hash_algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(sig, tbs, cert.signature_algorithm_parameters)
+        elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            key.verify(sig, tbs)
+        elif isinstance(key, dsa.DSAPublicKey):
+            key.verify(sig, tbs, cert.signature_hash_algorithm)
+        else:
+            return False
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
+        return False
+    return True
+
+
+def _ext(cert: x509.Certificate, cls: type[Any]) -> Any:
+    try:
+        return cert.extensions.get_extension_for_class(cls).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    bc = _ext(cert, x509.BasicConstraints)
+    if bc is None:  # only a v1 self-issued certificate is a CA without basicConstraints
+        return cert.version == x509.Version.v1 and cert.issuer == cert.subject
+    return bool(bc.ca)
+
+
+def _day(t: dt.datetime) -> str:
+    return t.strftime("%Y-%m-%d")
+
+
+# --- names (RFC 7672 §3.2.3, RFC 6125) ----------------------------------------------------
+
+
+def _norm(name: str) -> str:
+    name = name.strip().lower()
+    name = name[:-1] if name.endswith(".") else name
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return ""
+    return "" if "" in name.split(".") else name
+
+
+def name_matches(presented: str, reference: str) -> bool:
+    """A certificate DNS name against a reference identifier; `*` only as the whole
+    left-most label, matching exactly one label (never `f*.x`, never the bare parent)."""
+    p, r = _norm(presented), _norm(reference)
+    if not p or not r or "*" in r:
+        return False
+    if "*" not in p:
+        return p == r
+    plabels, rlabels = p.split("."), r.split(".")
+    return (
+        plabels[0] == "*"
+        and "*" not in p[1:]
+        and len(plabels) >= 3  # "*.com" never matches
+        and rlabels[1:] == plabels[1:]  # exactly one label in place of the "*"
+    )
+
+
+def leaf_names(cert: x509.Certificate) -> list[str]:
+    """SAN dNSNames; the subject CNs only when the certificate has no DNS name in a SAN."""
+    san = _ext(cert, x509.SubjectAlternativeName)
+    dns = san.get_values_for_type(x509.DNSName) if san is not None else []
+    if dns:
+        return list(dns)
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return [a.value for a in cns if isinstance(a.value, str)]
+
+
+# --- DANE-TA path building and validation -------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class _Anchor:
+    record: TlsaRecord
+    spki: bytes
+    key: Any
+    cert: x509.Certificate | None  # None for a bare key from DNS
+    in_chain: bool
+
+    def depth(self, path: Sequence[_Cert]) -> int:
+        return len(path) - 1 if self.cert is None else len(path)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    code: str
+    reason: str
+    record: TlsaRecord | None = None
+    depth: int | None = None
+
+
+@dataclass
+class _Search:
+    """Shared, bounded state of one verify() call's path building."""
+
+    steps: int = 0
+    exhausted: bool = False
+    sigs: dict[tuple[int, bytes], bool] = field(default_factory=dict)
+
+    def signed(self, c: _Cert, spki: bytes, key: Any) -> bool:
+        slot = (id(c), spki)
+        if slot not in self.sigs:
+            self.sigs[slot] = _signature_ok(c.cert, key)
+        return self.sigs[slot]
+
+
+def _anchors(rec: TlsaRecord, leaf: _Cert, pool: Sequence[_Cert]) -> list[_Anchor]:
+    """Trust anchors a DANE-TA record designates: matching chain certificates at depth >= 1,
+    else the certificate or key carried by a Full(0) record. Never the leaf's own key."""
+    found: list[_Anchor] = []
+    for c in pool:
+        if _matches(rec, c) and c.spki != leaf.spki and c.key is not None:
+            found.append(_Anchor(rec, c.spki, c.key, c.cert, True))
+    if not found and rec.mtype == FULL:
+        full = _full_key(rec)
+        if full is not None and full[0] != leaf.spki:
+            found.append(_Anchor(rec, full[0], full[1], full[2], False))
+    return found
+
+
+def _paths(leaf: _Cert, pool: Sequence[_Cert], anchor: _Anchor, search: _Search,
+           limit: int) -> Iterator[list[_Cert]]:
+    """Chains [leaf, ..., top] from the presented certificates whose top the anchor signed,
+    shortest first along each branch; bounded by `limit` certificates and the step budget."""
+
+    def issued_by_anchor(c: _Cert) -> bool:
+        if anchor.cert is not None and c.cert.issuer != anchor.cert.subject:
+            return False
+        return search.signed(c, anchor.spki, anchor.key)
+
+    def walk(path: list[_Cert]) -> Iterator[list[_Cert]]:
+        search.steps += 1
+        if search.steps > _MAX_STEPS:
+            search.exhausted = True
+            return
+        top = path[-1]
+        if issued_by_anchor(top):
+            yield list(path)
+        if len(path) >= limit:
+            return
+        for c in pool:
+            if c in path or c.spki == anchor.spki or c.cert.subject != top.cert.issuer:
+                continue
+            if c.key is not None and search.signed(top, c.spki, c.key):
+                yield from walk([*path, c])
+
+    yield from walk([leaf])
+
+
+def _check_path(path: Sequence[_Cert], anchor: _Anchor, names: Sequence[str],
+                now: dt.datetime) -> _Failure | None:
+    """Validate a signature path below `anchor`; None when it is good."""
+    rec, depth = anchor.record, anchor.depth(path)
+    where = f"({_label(rec)} matched depth {depth})"
+
+    def fail(code: str, what: str) -> _Failure:
+        return _Failure(code, f"DANE-TA chain: {what} {where}", rec, depth)
+
+    try:
+        for c in path:
+            if any(e.critical and isinstance(e.value, x509.UnrecognizedExtension)
+                   for e in c.cert.extensions):
+                return fail(TLSA_INVALID, f"unsupported critical extension in {c.subject}")
+        issuers = [c.cert for c in path[1:]] + ([anchor.cert] if anchor.cert else [])
+        for pos, issuer in enumerate(issuers, start=1):
+            subject = issuer.subject.rfc4514_string() or "(empty subject)"
+            if not _is_ca(issuer):
+                return fail(TLSA_INVALID, f"issuer {subject} is not a CA")
+            usage = _ext(issuer, x509.KeyUsage)
+            if usage is not None and not usage.key_cert_sign:
+                return fail(TLSA_INVALID, f"issuer {subject} may not sign certificates")
+            bc = _ext(issuer, x509.BasicConstraints)
+            if bc is not None and bc.path_length is not None:
+                below = sum(1 for c in path[1:pos] if c.cert.issuer != c.cert.subject)
+                if below > bc.path_length:
+                    return fail(TLSA_INVALID, f"path length constraint of {subject} exceeded")
+        presented = leaf_names(path[0].cert)
+        if not names:
+            return fail(TLSA_INVALID, "no reference identifier to check the leaf name against")
+        if not any(name_matches(p, r) for p in presented for r in names):
+            shown = ", ".join(presented[:4]) or "none"
+            return fail(TLSA_INVALID,
+                        f"leaf name mismatch: presented {shown}; wanted {', '.join(names)}")
+        roles = ["leaf"] + [f"intermediate {c.subject}" for c in path[1:]]
+        for c, role in zip(path, roles, strict=True):  # expiry first: it has its own code
+            if now > c.cert.not_valid_after_utc:
+                return fail(CERT_EXPIRED, f"{role} expired {_day(c.cert.not_valid_after_utc)}")
+        for c, role in zip(path, roles, strict=True):
+            if now < c.cert.not_valid_before_utc:
+                return fail(TLSA_INVALID, f"{role} not valid before "
+                            f"{_day(c.cert.not_valid_before_utc)}")
+    except ValueError as exc:  # extensions that do not parse
+        return fail(TLSA_INVALID, f"certificate does not parse: {exc}")
+    return None
+
+
+def _try_anchor(anchor: _Anchor, leaf: _Cert, pool: Sequence[_Cert], names: Sequence[str],
+                now: dt.datetime, search: _Search, limit: int) -> tuple[int, str] | _Failure:
+    """(depth, matched name) when some path to `anchor` validates, else the failure."""
+    first: _Failure | None = None
+    for n, path in enumerate(_paths(leaf, pool, anchor, search, limit)):
+        failure = _check_path(path, anchor, names, now)
+        if failure is None:
+            refs = [r for r in names if any(name_matches(p, r) for p in leaf_names(leaf.cert))]
+            return anchor.depth(path), refs[0]
+        first = first or failure
+        if n + 1 >= _MAX_PATHS:
+            break
+    if first is not None:
+        return first
+    label = _label(anchor.record)
+    if anchor.in_chain:  # a match, whose path failed
+        return _Failure(TLSA_INVALID, f"{label} matched a presented certificate, but no valid "
+                        "signature path leads from the leaf to it", anchor.record)
+    return _Failure(TLSA_INVALID, f"{label} trust anchor from DNS signed no presented "
+                    "certificate")
+
+
+# --- verify ------------------------------------------------------------------------------
+
+
+def verify(
+    records: Iterable[RecordLike],
+    chain: Sequence[bytes],
+    names: Sequence[str],
+    now: dt.datetime,
+    *,
+    ee_check_expiry: bool = False,
+    max_records: int = 20,
+    max_chain: int = 10,
+) -> Verdict:
+    """Match a presented chain (DER, leaf first) against a host's TLSA records."""
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("verify() needs an aware datetime for `now`")
+    names = [names] if isinstance(names, str) else list(names)
+    notes: list[str] = []
+    raw = list(records)
+    if len(raw) > max_records:
+        notes.append(f"ignored {len(raw) - max_records} records beyond max_records={max_records}")
+        raw = raw[:max_records]
+    good = [r for r in (as_record(x) for x in raw) if r is not None and usable(r)]
+    if not good:
+        return Verdict(False, None, False,
+                       reason=_note(f"no usable TLSA record among {len(raw)}", notes))
+    tried = digest_agility(good)
+    if len(tried) < len(good):
+        notes.append(f"{len(good) - len(tried)} weaker-digest records ignored (RFC 7671 §9)")
+
+    ders = [bytes(d) for d in chain]
+    if len(ders) > max_chain:
+        notes.append(f"ignored {len(ders) - max_chain} certificates beyond max_chain={max_chain}")
+        ders = ders[:max_chain]
+    if not ders:
+        return Verdict(False, TLSA_INVALID, True, reason=_note("no certificate presented", notes))
+    try:  # DANE-EE needs only the DER and its SPKI, not a certificate cryptography accepts
+        leaf_spki = spki_der(ders[0])
+    except ValueError:
+        return Verdict(False, TLSA_INVALID, True,
+                       reason=_note("the leaf certificate does not parse", notes))
+    leaf = _load(ders[0])
+
+    failures: list[_Failure] = []
+    for rec in (r for r in tried if r.usage == DANE_EE):
+        if _digest(rec.mtype, ders[0] if rec.selector == CERT else leaf_spki) != rec.data:
+            continue
+        after = leaf.cert.not_valid_after_utc if leaf else None
+        if after and now > after and ee_check_expiry:
+            failures.append(_Failure(CERT_EXPIRED, f"{_label(rec)} matched leaf, but the leaf "
+                                     f"expired {_day(after)} (ee_check_expiry)", rec, 0))
+            continue
+        old = after is not None and now > after
+        dates = f" (leaf expired {_day(after)}; DANE-EE ignores dates)" if old else ""
+        return Verdict(True, None, True, 0, rec, _note(f"{_label(rec)} matched leaf{dates}", notes))
+
+    if leaf is None:
+        return Verdict(False, TLSA_INVALID, True, reason=_note(
+            "no DANE-EE match, and the leaf does not parse for DANE-TA", notes))
+    pool: list[_Cert] = []
+    for i, der in enumerate(ders[1:], start=1):
+        c = _load(der)
+        if c is None:
+            notes.append(f"certificate #{i} does not parse")
+        elif c.der != leaf.der and all(c.der != p.der for p in pool):
+            pool.append(c)
+    search = _Search()
+    for rec in (r for r in tried if r.usage == DANE_TA):
+        for anchor in _anchors(rec, leaf, pool):
+            result = _try_anchor(anchor, leaf, pool, names, now, search, max_chain)
+            if isinstance(result, _Failure):
+                failures.append(result)
+                continue
+            depth, name = result
+            src = "" if anchor.in_chain else " (trust anchor from DNS)"
+            return Verdict(True, None, True, depth, rec, _note(
+                f"{_label(rec)} matched depth {depth}{src}; DANE-TA chain valid for {name}",
+                notes))
+    if search.exhausted:
+        notes.append(f"DANE-TA path search stopped after {_MAX_STEPS} steps")
+    return _failed(failures, len(tried), notes)
+
+
+def _failed(failures: list[_Failure], tried: int, notes: list[str]) -> Verdict:
+    """Pick the most relevant failure: an expiry first, then a match whose checks failed."""
+    pick = next((f for f in failures if f.code == CERT_EXPIRED), None)
+    pick = pick or next((f for f in failures if f.record is not None), None)
+    if pick is None:
+        plural = "record" if tried == 1 else "records"
+        return Verdict(False, TLSA_INVALID, True, reason=_note(
+            f"no certificate matches any of {tried} usable {plural}", notes))
+    return Verdict(False, pick.code, True, pick.depth, pick.record, _note(pick.reason, notes))
+
+
+def _note(reason: str, notes: list[str]) -> str:
+    return "; ".join([reason, *notes])
