@@ -195,18 +195,26 @@ class _DestSMTP(SMTP):
             await self._writer.drain()
             return
         await super().push(status)
+        text = status if isinstance(status, str) else status.decode("ascii", "replace")
+        if text.startswith("421") and self.transport is not None:
+            self.transport.close()  # 421: the server closes the channel (RFC 5321 §3.8)
 
     async def _handle_client(self) -> None:
-        delay = self.dest.greeting_delay
-        if delay:
-            if math.isinf(delay):
-                await asyncio.get_running_loop().create_future()  # never greets
-            else:
-                await asyncio.sleep(delay)
-        greeting = self.dest.greeting
-        if greeting and not greeting.startswith("2"):
-            await self._refusing(greeting)
-            return
+        try:
+            delay = self.dest.greeting_delay
+            if delay:
+                if math.isinf(delay):
+                    await asyncio.get_running_loop().create_future()  # never greets
+                else:
+                    await asyncio.sleep(delay)
+            greeting = self.dest.greeting
+            if greeting and not greeting.startswith("2"):
+                await self._refusing(greeting)
+                return
+        except asyncio.CancelledError:  # the client went away (eof_received cancels us)
+            if self.transport is not None:
+                self.transport.close()
+            raise
         await super()._handle_client()
 
     async def _refusing(self, greeting: str) -> None:
