@@ -12,7 +12,7 @@ ASCII order is the numeric order), upper case:
 
 Within one process ids strictly increase (the clock is never allowed to go backwards
 for id purposes), so ids sort by arrival; across processes they sort by arrival to the
-microsecond. Example: `0CQVB0Q3H4T0005Z2K`-like strings, always 16 characters.
+microsecond. Example: `1K1AC3964VN00YQZ` (2026-11-28, counter 0).
 """
 
 from __future__ import annotations

@@ -723,3 +723,23 @@ async def test_bodies_survive_reopen_byte_for_byte(tmp_path: Path) -> None:
             assert hashlib.sha256(got).digest() == hashlib.sha256(body).digest()
     finally:
         await store.close()
+
+
+def test_query_plans_use_the_right_indexes(tmp_path: Path) -> None:
+    """Claims and wake-up times must not scan every due row (a big backlog stays cheap)."""
+    from relay.store.sqlfiles import Q, statements
+
+    conn = sqlite3.connect(tmp_path / "plan.db")
+    for stmt in statements(migrations()[0].sql):
+        conn.execute(stmt)
+
+    def plan(sql: str, params: dict[str, object]) -> list[str]:
+        return [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+
+    claim = plan(Q.claim, {"now": 1, "owner": "w", "until": 2, "limit": 5, "scan": 20})
+    assert claim[-1] == "SEARCH r USING INDEX recipients_message (message_id=?)"
+    assert "SCAN recipients" not in claim and "SCAN r" not in claim[-3:]
+    assert "SEARCH r USING INDEX recipients_lease (leased_until>?)" in plan(Q.next_due_leased,
+                                                                          {})
+    assert any("recipients_due (status=?)" in s for s in plan(Q.next_due_unleased, {}))
+    conn.close()

@@ -42,9 +42,11 @@ WITH fresh AS (
 )
 UPDATE recipients SET lease_owner = :owner, leased_until = :until
 WHERE id IN (
-    SELECT r.id FROM recipients r JOIN picked p
-      ON r.message_id = p.message_id AND r.domain = p.domain
-    WHERE r.status IN ('queued', 'deferred') AND r.next_attempt_at <= :now
+    -- unary + keeps the planner on recipients_message (a group's few rows), not on
+    -- recipients_due (every due row) for this lookup
+    SELECT r.id FROM picked p JOIN recipients r
+      ON r.message_id = p.message_id AND +r.domain = p.domain
+    WHERE +r.status IN ('queued', 'deferred') AND +r.next_attempt_at <= :now
       AND (r.leased_until IS NULL OR r.leased_until <= :now)
 )
 RETURNING id, message_id, domain, address, attempts, status, next_attempt_at;
@@ -75,7 +77,7 @@ SELECT min(t) FROM (
 -- name: next_due_leased
 SELECT min(r.leased_until) FROM recipients r JOIN messages m ON m.id = r.message_id
 WHERE r.leased_until IS NOT NULL AND r.leased_until > r.next_attempt_at
-  AND r.status IN ('queued', 'deferred') AND m.held = 0;
+  AND +r.status IN ('queued', 'deferred') AND m.held = 0;  -- + : use recipients_lease
 
 -- name: load_body
 SELECT body FROM messages WHERE id = :id;
