@@ -11,9 +11,10 @@ Every decision is made by the pure steps of relay.policy; this module only does 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from relay.config import Config
-from relay.model import DnsAnswer
+from relay.model import DnsAnswer, MxRecord
 from relay.policy import (
     DomainPlan,
     HostPlan,
@@ -63,7 +64,7 @@ async def plan_host(target: HostTarget, resolver: Resolver, mx: MxDecision) -> H
     """One host: its addresses, then the TLSA lookups the policy asks for, in order."""
     types = [t for t, on in (("A", mx.opts.ipv4), ("AAAA", mx.opts.ipv6)) if on]
     answers: list[DnsAnswer] = []
-    if not is_ip(target.name):
+    if not (mx.route and is_ip(target.name)):  # MX targets are names, even "192.0.2.1"
         answers = list(await asyncio.gather(*(resolver.query(target.name, t) for t in types)))
     progress = host_step(target, answers, mx)
     if progress.plan is not None:
@@ -76,3 +77,45 @@ async def plan_host(target: HostTarget, resolver: Resolver, mx: MxDecision) -> H
         if isinstance(step, HostPlan):
             return step
         tlsa.append(await resolver.query(step.qname, "TLSA"))
+
+
+def answer_dict(a: DnsAnswer) -> dict[str, Any]:
+    """One DNS answer as plain data (for `relay check --json` and traces)."""
+    return {
+        "qname": a.qname, "type": a.rdtype, "rcode": str(a.rcode), "security": a.security,
+        "records": [_record_text(r) for r in a.records],
+        "canonical_name": a.canonical_name,
+        "chain": [{"owner": c.owner, "target": c.target, "secure": c.secure} for c in a.chain],
+        "ede": [{"code": e.code, "text": e.text} for e in a.ede], "reason": a.reason,
+    }
+
+
+def _record_text(r: object) -> str:
+    if isinstance(r, MxRecord):
+        return f"{r.preference} {r.exchange or '.'}"
+    return str(r)
+
+
+def host_dict(h: HostPlan) -> dict[str, Any]:
+    return {
+        "name": h.name, "preference": h.preference, "port": h.port,
+        "addresses": [{"ip": a.ip, "secure": a.secure} for a in h.addresses],
+        "dnssec": h.dnssec, "canonical_name": h.canonical_name,
+        "tlsa_bases": list(h.tlsa_bases), "tlsa_base": h.tlsa_base, "sni": h.sni,
+        "tlsa": [str(r) for r in h.tlsa], "usable_tlsa": [str(r) for r in h.usable_tlsa],
+        "requirement": str(h.requirement) if h.requirement else None, "usable": h.usable,
+        "code": h.unusable_code, "reason": h.reason, "failure_type": h.failure_type,
+        "reference_names": list(h.reference_names),
+        "lookups": [answer_dict(a) for a in h.lookups],
+    }
+
+
+def plan_dict(p: DomainPlan) -> dict[str, Any]:
+    """A DomainPlan as plain JSON-ready data."""
+    return {
+        "domain": p.domain, "action": str(p.action), "code": p.code, "reason": p.reason,
+        "mx_secure": p.mx_secure, "implicit_mx": p.implicit_mx, "dane_mode": str(p.dane_mode),
+        "route": p.route, "failure_type": p.failure_type,
+        "mx": answer_dict(p.mx_answer) if p.mx_answer else None,
+        "hosts": [host_dict(h) for h in p.hosts],
+    }

@@ -343,7 +343,7 @@ def host_step(target: HostTarget, answers: Sequence[DnsAnswer], mx: MxDecision
     refs = [target.name]
     if mx.mx_secure and not mx.route and mx.domain not in refs:
         refs.append(mx.domain)
-    if is_ip(target.name):  # a route's next hop given as an address: no DNS, no TLSA
+    if mx.route and is_ip(target.name):  # a route's hop given as an address: no DNS, no TLSA
         plan = HostPlan(target.name, target.preference, target.port,
                         (HostAddress(target.name, False),), False, target.name, (), None, (),
                         (), target.floor, None, "next hop is an IP address: no TLSA lookup",

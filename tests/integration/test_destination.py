@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from relay.config import Config, build
-from relay.destination import plan_destination
+from relay.destination import plan_destination, plan_dict
 from relay.model import DaneMode, Rcode, TlsaRecord
 from relay.model import TlsRequirement as TR
 from relay.policy import DANE_REQUIRED, DNSSEC_INVALID, DomainPlan, HostPlan, PlanAction
@@ -272,3 +273,19 @@ async def test_ipv4_only(dnsbed: DnsBed) -> None:
     p, sent = await plan(dnsbed, "dane.test", cfg(dnsbed, delivery={"ipv6": False}))
     assert p.action is PlanAction.DELIVER
     assert not [q for q in sent if q[1] == "AAAA"]
+
+
+async def test_plan_as_json(dnsbed: DnsBed) -> None:
+    p, _ = await plan(dnsbed, "cname.test")
+    data = json.loads(json.dumps(plan_dict(p)))
+    assert data["action"] == "deliver" and data["code"] is None and data["mx_secure"] is True
+    assert data["mx"]["records"] == ["10 mx.cname.test", "20 mx2.cname.test"]
+    h = data["hosts"][0]
+    assert h["name"] == "mx.cname.test" and h["requirement"] == "dane"
+    assert h["tlsa"] == [f"3 1 1 {DIGEST.hex()}"] and h["sni"] == "host.prov.test"
+    assert h["addresses"] == [{"ip": "127.25.3.3", "secure": True}]
+    assert h["lookups"][0]["chain"] == [{"owner": "mx.cname.test", "target": "host.prov.test",
+                                         "secure": True}]
+    nullmx = plan_dict((await plan(dnsbed, "nullmx.test"))[0])
+    assert (nullmx["action"], nullmx["code"], nullmx["mx"]["records"]) == ("bounce", "5.1.10",
+                                                                          ["0 ."])

@@ -561,3 +561,10 @@ async def test_plan_destination_respects_address_families_and_gate() -> None:
     lax = build({"delivery": {"ipv6": False},
                  "dns": {"require_validating_resolver": False}}, source="t")
     assert (await plan_destination(D, fake, lax)).action is PlanAction.DELIVER  # type: ignore
+
+
+def test_mx_exchange_that_looks_like_an_address_is_still_a_name() -> None:
+    d = mx_step(D, mx_ans((10, "192.0.2.1")), OPTS)
+    plan, _ = run_host("192.0.2.1", [ans("192.0.2.1", "A", Rcode.NXDOMAIN)], {}, mx=d,
+                       target=d.targets[0])
+    assert not plan.usable and plan.unusable_code == "4.4.312"
