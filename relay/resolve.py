@@ -265,6 +265,7 @@ class Resolver:
         failure_cache_ttl: float = 5.0,
         clock: Clock = time.monotonic,
         on_query: QueryHook | None = None,
+        max_cache_entries: int = 10_000,
     ) -> None:
         self.nameservers: tuple[tuple[str, int], ...] = (
             tuple(nameservers) if nameservers else system_nameservers())
@@ -274,6 +275,7 @@ class Resolver:
         self.cache_max_ttl = cache_max_ttl
         self.tlsa_cache_max_ttl = tlsa_cache_max_ttl
         self.failure_cache_ttl = failure_cache_ttl
+        self.max_cache_entries = max_cache_entries
         self.clock = clock
         self.on_query = on_query
         self.wire_queries = 0  # queries sent (UDP or TCP exchanges started)
@@ -347,8 +349,17 @@ class Resolver:
             cap = self.tlsa_cache_max_ttl if rdtype == "TLSA" else self.cache_max_ttl
             ttl = min(reply.ttl, cap)
         if store and ttl > 0:
-            self._cache[(qname, rdtype)] = (self.clock() + ttl, answer)
+            self._store((qname, rdtype), ttl, answer)
         return answer
+
+    def _store(self, key: tuple[str, str], ttl: float, answer: DnsAnswer) -> None:
+        now = self.clock()
+        if len(self._cache) >= self.max_cache_entries:  # drop expired, then the oldest
+            for k in [k for k, (exp, _) in self._cache.items() if exp <= now]:
+                del self._cache[k]
+            while len(self._cache) >= self.max_cache_entries:
+                del self._cache[next(iter(self._cache))]
+        self._cache[key] = (now + ttl, answer)
 
     async def _failure(self, name: dns.name.Name, qname: str, rdtype: str, reply: Reply,
                        deadline: float) -> DnsAnswer:

@@ -289,3 +289,12 @@ async def test_cached_probe_refreshes(dnsbed: DnsBed) -> None:
     clock.now += 61
     await r.validation()
     assert sent.count(("", "DNSKEY", False)) == 2
+
+
+async def test_cache_size_is_bounded(dnsbed: DnsBed) -> None:
+    r, sent = make(dnsbed.resolver, max_cache_entries=2)
+    for name in ("mx.sec.test", "host.ins.test", "stale.sec.test", "mx.sec.test"):
+        await r.query(name, "A")
+    assert len(sent) == 4  # the first entry was evicted by the third
+    await r.query("stale.sec.test", "A")
+    assert len(sent) == 4
