@@ -347,7 +347,7 @@ class Store:
             id=msg[0], sender=msg[1], received_at=msg[2], size=msg[3], held=bool(msg[4]),
             smtputf8=bool(msg[5]), body_8bit=bool(msg[6]), client_ip=msg[7],
             client_helo=msg[8], auth_user=msg[9], finished_at=msg[10],
-            has_body=bool(msg[11]), recipients=recipients,
+            has_body=bool(msg[11]), extra=json.loads(msg[12] or "{}"), recipients=recipients,
         )
 
     async def retry(self, message_id: str | None, *, now: float) -> int:

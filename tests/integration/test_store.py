@@ -743,3 +743,56 @@ def test_query_plans_use_the_right_indexes(tmp_path: Path) -> None:
                                                                           {})
     assert any("recipients_due (status=?)" in s for s in plan(Q.next_due_unleased, {}))
     conn.close()
+
+
+CRASHER = """
+import asyncio, hashlib, os, sys, time
+from relay.model import Envelope
+from relay.store import Store
+
+async def main():
+    store = await Store.open(sys.argv[1])
+    async def session(n):
+        while True:
+            body = b"Subject: crash\\r\\n\\r\\n" + os.urandom(2000)
+            qid = await store.enqueue(Envelope("c@example.org", ("r@example.net",), body),
+                                      now=time.time())
+            # printed only after enqueue returned: this is the "250 queued as" moment
+            sys.stdout.write(f"{qid} {hashlib.sha256(body).hexdigest()}\\n")
+            sys.stdout.flush()
+    await asyncio.gather(*(session(i) for i in range(20)))
+
+asyncio.run(main())
+"""
+
+
+async def test_kill_9_loses_no_acknowledged_message(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    acknowledged: dict[str, str] = {}
+    for round_ in range(3):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CRASHER, str(path), stdout=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        seen = 0
+        try:
+            while seen < 200 + 150 * round_:  # kill at a different moment each round
+                line = await asyncio.wait_for(proc.stdout.readline(), 30)
+                assert line, "the writer process died on its own"
+                qid, digest = line.decode().split()
+                acknowledged[qid] = digest
+                seen += 1
+        finally:
+            proc.kill()  # SIGKILL, mid-batch
+            await proc.wait()
+        # lines already written before the kill count as acknowledged too
+        for line in (await proc.stdout.read()).decode().splitlines():
+            if len(line.split()) == 2:
+                qid, digest = line.split()
+                acknowledged[qid] = digest
+        store = await Store.open(path)  # quick_check passes after the crash
+        try:
+            for qid, digest in acknowledged.items():
+                assert hashlib.sha256(await store.load_body(qid)).hexdigest() == digest, qid
+        finally:
+            await store.close()
+    assert len(acknowledged) >= 200 + 350 + 500

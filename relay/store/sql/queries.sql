@@ -161,7 +161,7 @@ ORDER BY message_id, id;
 
 -- name: get_message
 SELECT id, sender, received_at, size, held, smtputf8, body_8bit, client_ip, client_helo,
-       auth_user, finished_at, body IS NOT NULL AS has_body
+       auth_user, finished_at, body IS NOT NULL AS has_body, extra
 FROM messages WHERE id = :id;
 
 -- name: get_recipients
