@@ -27,8 +27,12 @@ from relay import config as configmod
 from relay import log as relay_log
 from relay.auth import UserDb
 from relay.config import Config
+from relay.delivery import Deliverer, DeliverySettings
 from relay.listener import Intake, IntakeSettings, Listener, load_tls, load_users
 from relay.log import event
+from relay.ops import MetricsComponent, ResolverProbe
+from relay.resolve import Resolver
+from relay.scheduler import Scheduler
 from relay.store import Store
 
 DRAIN_TIMEOUT = 30.0  # seconds the first signal waits for open work before stopping
@@ -119,7 +123,16 @@ def build_components(cfg: Config, store: Store, *, tls: ssl.SSLContext | None,
     hostname = lc.hostname or socket.getfqdn()
     intake = Intake(IntakeSettings.from_config(lc, hostname), store, tls_context=tls,
                     users=users)
-    components: list[Component] = [Listener(intake, lc.host, lc.port)]
+    listener = Listener(intake, lc.host, lc.port)
+    components: list[Component] = [listener]
+    resolver = Resolver.from_config(cfg.dns)
+    if cfg.delivery.enabled:
+        settings = DeliverySettings.from_config(cfg, hostname)
+        components.append(Scheduler(store, Deliverer(resolver, cfg, settings), cfg,
+                                    hostname=hostname, own_endpoints=lambda: listener.bound))
+    components.append(ResolverProbe(resolver))
+    if cfg.metrics.listen:
+        components.append(MetricsComponent(cfg, store, listener, resolver))
     return components
 
 

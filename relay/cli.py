@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--json", action="store_true")
     chk.add_argument("--no-connect", action="store_true", help="DNS checks only")
 
+    hl = sub.add_parser("health", parents=[common],
+                        help="check listener, queue database and resolver (exit 0 = healthy)")
+    hl.add_argument("--json", action="store_true")
+
     pw = sub.add_parser("passwd", help="print a users-file line for listener.users_file")
     pw.add_argument("user")
     return ap
@@ -100,6 +104,10 @@ def _dispatch(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
         from relay.check import cmd_check
 
         return cmd_check
+    if args.command == "health":
+        from relay.ops import cmd_health
+
+        return cmd_health
     if args.command == "passwd":
         from relay.auth import cmd_passwd
 

@@ -1,0 +1,344 @@
+"""One delivery attempt for one destination: resolve → policy → MX walk → verify → outcomes.
+
+    deliverer = Deliverer(resolver, config, settings)
+    report = await deliverer.deliver(domain, sender, recipients, body, smtputf8=..., size=...)
+
+The plan (relay.destination / relay.policy) says which hosts may be used and what each
+demands: DANE (TLS + a chain matching a usable TLSA record), ENCRYPT (TLS, no
+authentication), MAY (opportunistic) or NONE. Hosts are tried in MX order (random among
+equal preference), every address of a host in turn. A host that fails (connection, TLS,
+DANE) is left for the next; there is never cleartext where the plan demands TLS. The
+first host that completes a transaction decides every recipient (per-recipient replies,
+classified by relay.classify). When no host is left the recipients are deferred with the
+code of the most specific failure (or bounced when every host refused with 5xx).
+
+Exceptions from the network are translated into outcomes here, in one place.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from relay import classify, dane
+from relay import codes as codetable
+from relay.config import Config
+from relay.destination import plan_destination
+from relay.errors import SmtpClientError, TlsError
+from relay.model import Action, Outcome, Scope, TlsRequirement
+from relay.policy import DomainPlan, HostPlan, PlanAction, shuffle_equal_preference
+from relay.resolve import Resolver
+from relay.smtp.client import SmtpSession, Timeouts, TlsInfo
+from relay.smtp.protocol import Reply, TransactionResult
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """What one attempt needs from the configuration, resolved once."""
+
+    helo_name: str
+    timeouts: Timeouts
+    min_tls_version: str = "1.2"
+    ee_check_expiry: bool = False
+    max_tlsa_records: int = 20
+    max_chain: int = 10
+    own_endpoints: frozenset[tuple[str, int]] = frozenset()  # our listener: a loop
+    max_addresses: int = 8
+
+    @classmethod
+    def from_config(cls, cfg: Config, hostname: str) -> DeliverySettings:
+        return cls(
+            helo_name=cfg.delivery.helo_name or hostname,
+            timeouts=Timeouts.from_config(cfg.delivery),
+            min_tls_version=cfg.delivery.min_tls_version,
+            ee_check_expiry=cfg.dane.ee_check_expiry,
+            max_tlsa_records=cfg.dane.max_records,
+            max_chain=cfg.dane.max_chain_length,
+            own_endpoints=own_endpoints(cfg.listener.host, cfg.listener.port),
+            max_addresses=cfg.dns.max_addresses_per_host,
+        )
+
+
+def own_endpoints(host: str, port: int) -> frozenset[tuple[str, int]]:
+    """Addresses on which our own listener answers (a wildcard listener: all loopback and
+    the unspecified address; callers also compare against the local interface list)."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return frozenset({(host, port)})
+    if addr.is_unspecified:
+        return frozenset({("0.0.0.0", port), ("::", port), ("127.0.0.1", port), ("::1", port),
+                          ("*", port)})
+    return frozenset({(str(addr), port)})
+
+
+@dataclass(frozen=True)
+class HostAttempt:
+    """The trace of one address tried (or one host that could not be used)."""
+
+    mx: str
+    ip: str
+    dnssec: str
+    tlsa: str
+    tls: str = ""
+    dane: str = ""
+    code: str = ""
+    reply: str = ""
+    security: str = ""  # dane-authenticated | tls | plain | failed (metrics, TLS-RPT)
+    failure_type: str | None = None  # RFC 8460 result type of a failure
+    tls_info: TlsInfo | None = None
+
+
+@dataclass(frozen=True)
+class AttemptReport:
+    """What one attempt decided for every recipient, and the hosts it tried."""
+
+    outcomes: dict[str, Outcome]
+    hosts: tuple[HostAttempt, ...]
+    plan: DomainPlan
+    delivered_by: HostAttempt | None = None
+
+
+@dataclass
+class _HostFailure:
+    outcome: Outcome
+    trace: HostAttempt
+
+
+@dataclass
+class _Walk:
+    failures: list[Outcome] = field(default_factory=list)
+    traces: list[HostAttempt] = field(default_factory=list)
+
+
+def tlsa_summary(host: HostPlan) -> str:
+    if host.tlsa_base is None:
+        if not host.addresses_secure:
+            return "not looked up (insecure addresses)"
+        return "none (authenticated denial or insecure)"
+    usable = len(host.usable_tlsa)
+    return (f"{host.tlsa_base}: {len(host.tlsa)} record(s), {usable} usable"
+            + ("" if usable else " (TLS required, no authentication)"))
+
+
+def _trace(host: HostPlan, ip: str, **kw: object) -> HostAttempt:
+    return HostAttempt(mx=host.name, ip=ip, dnssec=host.dnssec, tlsa=tlsa_summary(host),
+                       **kw)  # type: ignore[arg-type]
+
+
+def _tls_text(info: TlsInfo | None) -> str:
+    return f"{info.version} {info.cipher}".strip() if info else "none"
+
+
+class Deliverer:
+    """Runs attempts. Stateless between attempts except the resolver's cache."""
+
+    def __init__(self, resolver: Resolver, config: Config, settings: DeliverySettings, *,
+                 rng: random.Random | None = None, clock: Clock = time.time) -> None:
+        self.resolver = resolver
+        self.config = config
+        self.settings = settings
+        self.rng = rng or random.Random()
+        self.clock = clock
+
+    async def deliver(self, domain: str, sender: str, recipients: Sequence[str], body: bytes,
+                      *, smtputf8: bool = False, size: int | None = None) -> AttemptReport:
+        plan = await plan_destination(domain, self.resolver, self.config)
+        return await self.deliver_plan(plan, sender, recipients, body, smtputf8=smtputf8,
+                                       size=size)
+
+    async def deliver_plan(self, plan: DomainPlan, sender: str, recipients: Sequence[str],
+                           body: bytes, *, smtputf8: bool = False,
+                           size: int | None = None) -> AttemptReport:
+        walk = _Walk()
+        for host in plan.hosts:
+            if not host.usable:
+                code = host.unusable_code or codetable.DNS_FAILED
+                walk.traces.append(_trace(host, "", code=code, reply=host.reason,
+                                          security="failed", failure_type=host.failure_type))
+                walk.failures.append(classify.local(code, host.reason))
+        if plan.action is not PlanAction.DELIVER:
+            outcome = classify.local(plan.code or codetable.DNS_FAILED, plan.reason)
+            if plan.action is PlanAction.BOUNCE and outcome.action is Action.DEFERRED:
+                outcome = classify.expire(outcome)
+            return AttemptReport({r: outcome for r in recipients}, tuple(walk.traces), plan)
+
+        for host in shuffle_equal_preference(plan.usable_hosts, self.rng):
+            for addr in host.addresses[: self.settings.max_addresses]:
+                result = await self._try(host, addr.ip, sender, recipients, body,
+                                         smtputf8=smtputf8, size=size)
+                if isinstance(result, _HostFailure):
+                    walk.traces.append(result.trace)
+                    walk.failures.append(result.outcome)
+                    if result.outcome.code == codetable.LOOP:
+                        return self._all(plan, recipients, result.outcome, walk)
+                    continue
+                outcomes, trace = result
+                walk.traces.append(trace)
+                return AttemptReport(outcomes, tuple(walk.traces), plan, delivered_by=trace)
+        return self._give_up(plan, recipients, walk)
+
+    def _all(self, plan: DomainPlan, recipients: Sequence[str], outcome: Outcome,
+             walk: _Walk) -> AttemptReport:
+        return AttemptReport({r: outcome for r in recipients}, tuple(walk.traces), plan)
+
+    def _give_up(self, plan: DomainPlan, recipients: Sequence[str],
+                 walk: _Walk) -> AttemptReport:
+        if not walk.failures:
+            outcome = classify.local(codetable.DNS_FAILED, "no usable MX host")
+        elif all(f.action is Action.BOUNCED for f in walk.failures):
+            # Every host refused permanently (5xx greeting/EHLO/MAIL): bounce.
+            outcome = walk.failures[0]
+        else:
+            deferred = [f for f in walk.failures if f.action is Action.DEFERRED]
+            best = classify.most_specific_outcome(deferred)
+            outcome = best or classify.local(codetable.DNS_FAILED, "no usable MX host")
+        return self._all(plan, recipients, outcome, walk)
+
+    # --- one address -----------------------------------------------------------------
+
+    async def _try(self, host: HostPlan, ip: str, sender: str, recipients: Sequence[str],
+                   body: bytes, *, smtputf8: bool, size: int | None,
+                   ) -> _HostFailure | tuple[dict[str, Outcome], HostAttempt]:
+        s = self.settings
+        port = host.port
+        if (ip, port) in s.own_endpoints or (("*", port) in s.own_endpoints and _is_local(ip)):
+            out = classify.local(codetable.LOOP, f"{host.name} [{ip}]:{port} is this relay")
+            return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
+                                            security="failed"))
+        req = host.requirement or TlsRequirement.MAY
+        plain_retry = False
+        while True:
+            try:
+                sess = await SmtpSession.connect(ip, port, helo_name=s.helo_name,
+                                                 timeouts=s.timeouts)
+            except SmtpClientError as exc:
+                return self._failure(host, ip, exc, req)
+            try:
+                result = await self._session(sess, host, ip, req, sender, recipients, body,
+                                             smtputf8=smtputf8, size=size,
+                                             use_tls=not plain_retry)
+            except TlsError as exc:
+                sess.close()
+                if req is TlsRequirement.MAY and not plain_retry and exc.phase == "tls":
+                    plain_retry = True  # opportunistic: a failed handshake → cleartext
+                    continue
+                return self._failure(host, ip, exc, req)
+            except SmtpClientError as exc:
+                sess.close()
+                return self._failure(host, ip, exc, req)
+            finally:
+                if not sess.closed:
+                    await sess.quit()
+                    sess.close()
+            return result
+
+    async def _session(self, sess: SmtpSession, host: HostPlan, ip: str,
+                       req: TlsRequirement, sender: str, recipients: Sequence[str],
+                       body: bytes, *, smtputf8: bool, size: int | None, use_tls: bool,
+                       ) -> _HostFailure | tuple[dict[str, Outcome], HostAttempt]:
+        s = self.settings
+        await sess.ehlo()
+        tls: TlsInfo | None = None
+        dane_text, security = "not required", "plain"
+        mandatory = req in (TlsRequirement.DANE, TlsRequirement.ENCRYPT)
+        if req is not TlsRequirement.NONE and use_tls and (
+                mandatory or sess.extensions.starttls):
+            if not sess.extensions.starttls:
+                out = classify.starttls_not_supported(f"{host.name} [{ip}] does not offer "
+                                                      "STARTTLS")
+                return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
+                                                security="failed",
+                                                failure_type="starttls-not-supported"))
+            try:
+                tls = await sess.starttls(host.sni, min_version=s.min_tls_version
+                                          if mandatory else "1.0")
+            except TlsError:
+                if mandatory or not sess.usable:
+                    raise
+                tls = None  # opportunistic: STARTTLS refused, the session goes on in clear
+            security = "tls" if tls else "plain"
+            if tls is None:
+                pass
+            elif req is TlsRequirement.DANE:
+                verdict = dane.verify(host.usable_tlsa, list(tls.chain), host.reference_names,
+                                      dt.datetime.now(dt.UTC), ee_check_expiry=s.ee_check_expiry,
+                                      max_records=s.max_tlsa_records, max_chain=s.max_chain)
+                dane_text = verdict.reason
+                if not verdict.ok:
+                    code = verdict.code or codetable.TLSA_INVALID
+                    out = classify.local(code, f"{host.name} [{ip}]: {verdict.reason}")
+                    return _HostFailure(out, _trace(
+                        host, ip, tls=_tls_text(tls), dane=f"failed: {verdict.reason}",
+                        code=code, reply=out.reply, security="failed",
+                        failure_type=codetable.tlsa_result_type(code), tls_info=tls))
+                dane_text = f"authenticated: {verdict.reason}"
+                security = "dane-authenticated"
+            elif req is TlsRequirement.ENCRYPT:
+                dane_text = "no usable TLSA record: TLS without authentication"
+            if tls is not None:
+                await sess.ehlo()
+        txn = await sess.send_mail(sender, recipients, body, smtputf8=smtputf8, size=size)
+        trace = _trace(host, ip, tls=_tls_text(tls), dane=dane_text, security=security,
+                       tls_info=tls)
+        if txn.refused is None and txn.mail is not None and txn.mail.transient:
+            # A 4xx to MAIL FROM is about this host: try the next one.
+            out = _outcome("mail", txn.mail)
+            return _HostFailure(out, replace(trace, code=out.code, reply=out.reply))
+        outcomes = {r: _recipient_outcome(txn, r) for r in recipients}
+        first = next(iter(outcomes.values()))
+        return outcomes, replace(trace, code=first.code, reply=first.reply)
+
+    def _failure(self, host: HostPlan, ip: str, exc: SmtpClientError,
+                 req: TlsRequirement) -> _HostFailure:
+        detail = f"{host.name} [{ip}]: {exc}"
+        if isinstance(exc, TlsError) or exc.phase in ("starttls", "tls"):
+            if req in (TlsRequirement.DANE, TlsRequirement.ENCRYPT):
+                out = classify.starttls_not_supported(detail)
+                ftype = "starttls-not-supported"
+            else:
+                out = classify.connection_failed(detail)
+                ftype = None
+            return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
+                                            security="failed", failure_type=ftype))
+        if exc.code is not None and exc.reply is not None:
+            out = classify.from_reply(exc.phase, exc.code, None, exc.reply)
+            if out.action is Action.DELIVERED:
+                out = classify.connection_failed(detail)
+        elif exc.phase == "connect":
+            out = classify.connection_failed(detail)
+        else:
+            out = classify.connection_lost(detail)
+        out = replace(out, scope=Scope.SITE)
+        return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
+                                        security="failed"))
+
+
+def _outcome(phase: str, reply: Reply) -> Outcome:
+    return classify.from_reply(phase, reply.code, reply.enhanced, reply.text)
+
+
+def _recipient_outcome(txn: TransactionResult, recipient: str) -> Outcome:
+    reply = txn.reply_for(recipient)
+    if txn.refused is not None:
+        phase = "mail"
+    elif txn.mail is not None and not txn.mail.ok:
+        phase = "mail"
+    elif not txn.recipients[recipient].ok or txn.data is None:
+        phase = "rcpt"
+    else:
+        phase = "data"
+    return _outcome(phase, reply)
+
+
+def _is_local(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,308 @@
+"""The delivery scheduler: claims due work, runs attempts, records outcomes, sends NDRs.
+
+A `Component` of `relay serve` (relay.app). It claims due recipients from the store,
+grouped per message and destination domain (one SMTP transaction per group), under a
+lease: work held by a process that dies returns to the queue by itself when the lease
+runs out. Concurrency is bounded in total (`delivery.max_connections`) and per
+destination domain (`delivery.max_connections_per_domain`). New mail starts at once (the
+store's `new_work` event); deferred mail when its plan point is due (relay.retry).
+
+After each attempt every recipient is delivered, bounced (a 5xx, or its lifetime is
+over: the 5.x.x form of its last code), or deferred to its next plan point. When every
+recipient of a message is final, one NDR covers all of its bounced recipients (never for
+a null sender); an NDR that itself fails goes once to `ndr.postmaster`, then is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from relay import classify, dsn, retry
+from relay.config import Config
+from relay.delivery import AttemptReport, Deliverer, own_endpoints
+from relay.errors import NotFound, StoreError
+from relay.log import event
+from relay.model import Action, Envelope, Outcome, RecipientStatus
+from relay.store import AttemptTrace, Job, JobResult, RecipientUpdate, Store
+
+Clock = Callable[[], float]
+PURGE_EVERY = 600.0  # seconds between purges of finished messages past retention
+KIND_NDR = "ndr"  # extra["kind"] of an NDR we generated
+KIND_POSTMASTER = "ndr-postmaster"  # a failed NDR's copy to the postmaster: dropped on failure
+
+
+def _utc(ts: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.UTC)
+
+
+class Scheduler:
+    name = "delivery"
+
+    def __init__(self, store: Store, deliverer: Deliverer, config: Config, *, hostname: str,
+                 clock: Clock = time.time, owner: str | None = None,
+                 own_endpoints: Callable[[], list[tuple[str, int]]] | None = None) -> None:
+        self.store = store
+        self.deliverer = deliverer
+        self.config = config
+        self.hostname = config.ndr.reporting_mta or hostname
+        self.clock = clock
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self._capacity = config.delivery.max_connections
+        self._per_domain = config.delivery.max_connections_per_domain
+        self._domains: dict[str, asyncio.Semaphore] = {}
+        self._active: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
+        self._draining = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._ndr_locks: dict[str, asyncio.Lock] = {}
+        self._last_purge = 0.0
+        self._own_endpoints = own_endpoints
+
+    # --- component ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._own_endpoints is not None:  # the listener's real port (it may be 0 in config)
+            ends = frozenset().union(*(own_endpoints(h, p) for h, p in self._own_endpoints()))
+            self.deliverer.settings = replace(self.deliverer.settings, own_endpoints=ends)
+        self._loop_task = asyncio.create_task(self._run(), name="scheduler")
+
+    async def wait(self) -> None:
+        assert self._loop_task is not None
+        await self._loop_task
+        if not self._draining:
+            raise StoreError("the delivery scheduler stopped")
+        await asyncio.Event().wait()  # drained on request: wait for stop()
+
+    async def drain(self, deadline: float) -> None:
+        self._draining = True
+        self.store.new_work.set()
+        loop = asyncio.get_running_loop()
+        if self._active:
+            await asyncio.wait(self._active, timeout=max(0.0, deadline - loop.time()))
+
+    async def stop(self) -> None:
+        self._draining = True
+        if self._loop_task:
+            self._loop_task.cancel()
+        for task in list(self._active):
+            task.cancel()
+        for task in [self._loop_task, *self._active]:
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        with contextlib.suppress(StoreError):
+            await self.store.unlease(self.owner)
+
+    # --- the loop -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        await self._sweep_ndrs()
+        d = self.config.delivery
+        while not self._draining:
+            now = self.clock()
+            free = self._capacity - len(self._active)
+            claimed = 0
+            if free > 0:
+                jobs = await self.store.claim(now=now, owner=self.owner, lease_seconds=d.lease,
+                                              limit=free,
+                                              max_recipients=d.max_recipients_per_transaction)
+                for job in jobs:
+                    self._dispatch(job)
+                claimed = len(jobs)
+            if now - self._last_purge >= PURGE_EVERY:
+                self._last_purge = now
+                await self.store.purge(now=now, retention=self.config.queue.trace_retention)
+            if claimed and claimed < free:
+                continue  # there may be more due work right away
+            timeout = d.poll_interval
+            if claimed < free:
+                nxt = await self.store.next_due(self.clock())
+                if nxt is not None:
+                    timeout = min(timeout, max(0.01, nxt - self.clock()))
+            await self._sleep(timeout)
+
+    async def _sleep(self, seconds: float) -> None:
+        waiters = [asyncio.ensure_future(self.store.new_work.wait()),
+                   asyncio.ensure_future(self._slot_freed.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        self.store.new_work.clear()
+        self._slot_freed.clear()
+
+    def _dispatch(self, job: Job) -> None:
+        task = asyncio.create_task(self._guarded(job), name=f"deliver {job.message_id}")
+        self._active.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._active.discard(t)
+            self._slot_freed.set()
+
+        task.add_done_callback(done)
+
+    async def _guarded(self, job: Job) -> None:
+        sem = self._domains.setdefault(job.domain, asyncio.Semaphore(self._per_domain))
+        async with sem:
+            try:
+                await self.run_job(job)
+            except asyncio.CancelledError:
+                raise
+            except NotFound:
+                return  # deleted by an operator while in flight
+            except Exception as exc:  # a bug must not lose mail: defer, keep running
+                event("deferred", level="error", id=job.message_id, domain=job.domain,
+                      code="4.3.0", reply=f"internal error: {type(exc).__name__}: {exc}")
+                now = self.clock()
+                out = Outcome(Action.DEFERRED, "4.3.0", f"internal error: {exc}")
+                await self.store.record([self._result(job, {}, None, now, now, default=out)],
+                                        now=now)
+
+    # --- one job --------------------------------------------------------------------
+
+    async def run_job(self, job: Job) -> None:
+        started = self.clock()
+        body = await self.store.load_body(job.message_id)
+        addresses = [addr for _, addr, _ in job.recipients]
+        report = await self.deliverer.deliver(job.domain, job.sender, addresses, body,
+                                              smtputf8=job.smtputf8, size=job.size)
+        finished = self.clock()
+        self._log_hosts(job, report)
+        result = self._result(job, report.outcomes, report, started, finished)
+        await self.store.record([result], now=finished)
+        if any(u.status is RecipientStatus.BOUNCED for u in result.updates):
+            await self._maybe_ndr(job.message_id)
+
+    def _result(self, job: Job, outcomes: dict[str, Outcome], report: AttemptReport | None,
+                started: float, finished: float, *, default: Outcome | None = None,
+                ) -> JobResult:
+        d = self.config.delivery
+        updates: list[RecipientUpdate] = []
+        traces: list[AttemptTrace] = []
+        for rid, addr, attempts in job.recipients:
+            out = outcomes.get(addr) or default
+            assert out is not None
+            n = attempts + 1
+            fields = {"id": job.message_id, "recipient": addr, "domain": job.domain,
+                      "code": out.code, "reply": out.reply}
+            if out.action is Action.DELIVERED:
+                updates.append(RecipientUpdate(rid, RecipientStatus.DELIVERED, out.code,
+                                               out.reply, attempts=n))
+                mx = report.delivered_by.mx if report and report.delivered_by else None
+                event("delivered", mx=mx, **fields)
+            elif out.action is Action.BOUNCED:
+                updates.append(RecipientUpdate(rid, RecipientStatus.BOUNCED, out.code, out.reply,
+                                               attempts=n, ndr_state="pending"))
+                event("bounced", **fields)
+            else:
+                nxt = retry.next_attempt(job.received_at, n, started, d.retry_schedule,
+                                         d.max_lifetime)
+                if nxt is None:
+                    final = classify.expire(out)
+                    updates.append(RecipientUpdate(rid, RecipientStatus.BOUNCED, final.code,
+                                                   final.reply, attempts=n, ndr_state="pending"))
+                    event("expired", **{**fields, "code": final.code})
+                else:
+                    updates.append(RecipientUpdate(rid, RecipientStatus.DEFERRED, out.code,
+                                                   out.reply, next_attempt_at=nxt, attempts=n))
+                    event("deferred", next_attempt_at=_utc(nxt).isoformat(), **fields)
+            for h in report.hosts if report else ():
+                traces.append(AttemptTrace(rid, at=started, mx=h.mx, ip=h.ip, dnssec=h.dnssec,
+                                           tlsa=h.tlsa, tls=h.tls, dane=h.dane, code=h.code,
+                                           reply=h.reply))
+            if report is None or not report.hosts:
+                traces.append(AttemptTrace(rid, at=started, code=out.code, reply=out.reply,
+                                           dnssec=report.plan.mx_answer.security
+                                           if report and report.plan.mx_answer else ""))
+        return JobResult(job.message_id, tuple(updates), tuple(traces))
+
+    def _log_hosts(self, job: Job, report: AttemptReport) -> None:
+        for h in report.hosts:
+            dns_failure = None
+            if h.code in ("4.4.312", "4.7.324") and not h.ip:
+                dns_failure = "dnssec" if h.code == "4.7.324" else "failure"
+            event("attempt", id=job.message_id, domain=job.domain, mx=h.mx, ip=h.ip or None,
+                  dnssec=h.dnssec, tlsa=h.tlsa, tls=h.tls or None, dane=h.dane or None,
+                  security=h.security or None, code=h.code or None,
+                  tls_version=h.tls_info.version if h.tls_info else None,
+                  dns_failure=dns_failure)
+        if not report.hosts and report.plan.code:
+            kind = {"4.4.312": "failure", "4.7.324": "dnssec"}.get(report.plan.code)
+            event("attempt", id=job.message_id, domain=job.domain, code=report.plan.code,
+                  reason=report.plan.reason, dns_failure=kind)
+
+    # --- NDRs -----------------------------------------------------------------------
+
+    async def _sweep_ndrs(self) -> None:
+        """At start-up: NDRs that a crash left unsent."""
+        for info in await self.store.list_messages(include_final=True, status="bounced"):
+            if all(r.status.final for r in info.recipients):
+                await self._maybe_ndr(info.id)  # it checks each recipient's NDR state
+
+    async def _maybe_ndr(self, message_id: str) -> None:
+        lock = self._ndr_locks.setdefault(message_id, asyncio.Lock())
+        async with lock:
+            try:
+                await self._ndr(message_id)
+            finally:
+                if not lock.locked() or len(self._ndr_locks) > 10000:
+                    self._ndr_locks.pop(message_id, None)
+
+    async def _ndr(self, message_id: str) -> None:
+        info = await self.store.get_message(message_id)
+        if any(not r.status.final for r in info.recipients):
+            return  # one NDR per message, when all its recipients are final
+        pending = [r for r in info.recipients
+                   if r.status is RecipientStatus.BOUNCED and r.ndr_state == "pending"]
+        if not pending:
+            return
+        now = self.clock()
+        ids = [r.id for r in pending]
+        kind = str(info.extra.get("kind", ""))
+        if info.sender:
+            to = info.sender
+            new_kind = KIND_NDR
+        elif kind == KIND_NDR and self.config.ndr.postmaster:
+            to = self.config.ndr.postmaster
+            new_kind = KIND_POSTMASTER
+        else:
+            if kind in (KIND_NDR, KIND_POSTMASTER):
+                event("bounced", level="warning", id=message_id, code=pending[0].code,
+                      reply="an NDR could not be delivered; dropped")
+            await self.store.set_ndr_state(ids, "none", now=now)
+            return
+        if not self.config.ndr.enabled:
+            await self.store.set_ndr_state(ids, "none", now=now)
+            return
+        headers = await self.store.load_headers(message_id)
+        failed = [
+            dsn.FailedRecipient(
+                address=r.address, status_code=r.code or "5.0.0",
+                remote_mta=next((a.mx for a in reversed(r.history) if a.ip), None),
+                diagnostic=r.reply or None,
+                last_attempt=_utc(r.updated_at or now))
+            for r in pending
+        ]
+        body = dsn.build_ndr(
+            original_headers=headers, envelope_sender=to, envelope_id=None,
+            arrival_date=_utc(info.received_at), reporting_mta=self.hostname, failed=failed,
+            now=_utc(now), message_id=f"{message_id}.ndr@{self.hostname}",
+            boundary=f"{message_id}/{self.hostname}", queue_id=message_id)
+        if body is None:
+            await self.store.set_ndr_state(ids, "none", now=now)
+            return
+        ndr_id = await self.store.enqueue(
+            Envelope(sender="", recipients=(to,), body=body, smtputf8=not to.isascii(),
+                     extra={"kind": new_kind, "original": message_id}),
+            now=now)
+        await self.store.set_ndr_state(ids, "sent", now=now)
+        event("ndr_sent", id=message_id, ndr_id=ndr_id, to=to,
+              recipients=len(pending), kind=new_kind)
