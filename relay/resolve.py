@@ -37,7 +37,6 @@ import dns.resolver
 import dns.wire
 
 from relay import dane
-from relay import log as relay_log
 from relay.config import DnsConfig, split_hostport
 from relay.model import CnameLink, DnsAnswer, Ede, MxRecord, Rcode, TlsaRecord
 
@@ -501,8 +500,9 @@ def _ede_text(e: Ede) -> str:
 async def check_validating(resolver: Resolver) -> ValidationProbe:
     """Prove that the resolver validates: `. DNSKEY` must come back with AD.
 
-    Sets `resolver.last_probe` and logs `resolver_check` (level error when the resolver
-    does not validate: DANE would silently be off). Never raises."""
+    Sets `resolver.last_probe` (reused by `Resolver.validation()`); logging the result
+    (`resolver_check`) is the caller's job (relay.ops.ResolverProbe, relay check).
+    Never raises."""
     answer = await resolver.query(".", "DNSKEY", use_cache=False)
     servers = ", ".join(f"{h}:{p}" for h, p in resolver.nameservers)
     if answer.rcode is Rcode.OK and answer.secure:
@@ -518,6 +518,4 @@ async def check_validating(resolver: Resolver) -> ValidationProbe:
                                 reachable=answer.rcode is not Rcode.TIMEOUT)
     resolver.last_probe = probe
     resolver._probe_at = resolver.clock()
-    relay_log.event("resolver_check", "info" if probe.validating else "error",
-                    validating=probe.validating, nameservers=servers, detail=probe.detail)
     return probe
