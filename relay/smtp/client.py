@@ -191,7 +191,7 @@ class SmtpSession:
     """One SMTP connection to one destination address. Create with `connect()`."""
 
     def __init__(self, stream: _Stream, transport: asyncio.Transport, *, peer: tuple[str, int],
-                 helo_name: str, timeouts: Timeouts) -> None:
+                 helo_name: str, timeouts: Timeouts, pipeline_data: bool = True) -> None:
         self._stream = stream
         self._transport = transport
         self._state = SessionState()
@@ -203,12 +203,15 @@ class SmtpSession:
         self.extensions = Extensions()
         self.tls: TlsInfo | None = None
         self.transactions = 0
+        # With PIPELINING, DATA ends the MAIL/RCPT batch (RFC 2920 §3.1): one round trip less.
+        self.pipeline_data = pipeline_data
 
     # --- life cycle ----------------------------------------------------------------
 
     @classmethod
     async def connect(cls, ip: str, port: int, *, helo_name: str,
-                      timeouts: Timeouts | None = None, local_ip: str | None = None) -> Self:
+                      timeouts: Timeouts | None = None, local_ip: str | None = None,
+                      pipeline_data: bool = True) -> Self:
         """Connect and read the greeting. A non-2xx greeting raises (phase "greeting")."""
         t = timeouts or Timeouts()
         loop = asyncio.get_running_loop()
@@ -226,7 +229,8 @@ class SmtpSession:
             raise SmtpClientError(f"connect to {ip} port {port}: {exc.strerror or exc}",
                                   phase="connect") from None
         assert isinstance(transport, asyncio.Transport)
-        sess = cls(stream, transport, peer=(ip, port), helo_name=helo_name, timeouts=t)
+        sess = cls(stream, transport, peer=(ip, port), helo_name=helo_name, timeouts=t,
+                   pipeline_data=pipeline_data)
         greeting = await sess._read("greeting", t.greeting)
         sess.greeting = greeting
         if not greeting.ok:
@@ -428,7 +432,10 @@ class SmtpSession:
     async def send_mail(self, sender: str, recipients: Iterable[str], body: bytes, *,
                         smtputf8: bool = False, size: int | None = None,
                         body_8bit: bool | None = None) -> TransactionResult:
-        """One transaction: MAIL, RCPT per recipient, DATA, the body. PIPELINING when offered.
+        """One transaction: MAIL, RCPT per recipient, DATA, the body.
+
+        With PIPELINING, MAIL and every RCPT (and DATA, unless pipeline_data is False) go
+        in one write; without it, one command per round trip.
 
         `body`: the message with CRLF line ends, not dot-stuffed. `smtputf8`: the message
         needs SMTPUTF8 (non-ASCII addresses also make it so). `size`: declared with SIZE=
@@ -456,9 +463,10 @@ class SmtpSession:
         t = self.timeouts
         reset = self.state is not State.READY
         replies: dict[str, Reply] = {}
+        go: Reply | None = None  # the reply to a pipelined DATA
         if ext.pipelining:
-            await self._send((p.RSET if reset else b"") + mail_cmd + b"".join(rcpt_cmds),
-                             "mail", t.mail)
+            batch = (p.RSET if reset else b"") + mail_cmd + b"".join(rcpt_cmds)
+            await self._send(batch + (p.DATA if self.pipeline_data else b""), "mail", t.mail)
             if reset:
                 await self._rset_reply()
             mail = await self._read_tx("mail", t.mail)
@@ -468,6 +476,8 @@ class SmtpSession:
                 replies[rcpt] = await self._read_tx("rcpt", t.rcpt)
                 if mail.ok and replies[rcpt].ok:
                     self._state.advance(Event.RCPT_OK)
+            if self.pipeline_data:
+                go = await self._read_tx("data", t.data_init)
         else:
             if reset:
                 await self.rset()
@@ -483,21 +493,29 @@ class SmtpSession:
                         self._state.advance(Event.RCPT_OK)
                 else:
                     replies[rcpt] = self._closing or mail
-        data = await self._data(body, mail, replies)
+        data = await self._data(body, mail, replies, go)
         if self._closing is not None:
             self.close()
         return TransactionResult(mail, replies, data, pipelined=ext.pipelining)
 
-    async def _data(self, body: bytes, mail: Reply, replies: dict[str, Reply]) -> Reply | None:
-        if not mail.ok or not any(r.ok for r in replies.values()):
-            return None
-        if self._closing is not None:
-            return self._closing
+    async def _data(self, body: bytes, mail: Reply, replies: dict[str, Reply],
+                    go: Reply | None) -> Reply | None:
+        """DATA (unless already pipelined: `go` is its reply), the body, the final reply."""
         t = self.timeouts
-        await self._send(p.DATA, "data", t.data_init)
-        go = await self._read_tx("data", t.data_init)
+        accepted = mail.ok and any(r.ok for r in replies.values())
+        if go is None:
+            if not accepted:
+                return None
+            if self._closing is not None:
+                return self._closing
+            await self._send(p.DATA, "data", t.data_init)
+            go = await self._read_tx("data", t.data_init)
         if go.code != 354:
-            return go
+            return go if accepted else None
+        if not accepted:  # 354 with no recipient (RFC 2920 §3.1): end the empty message
+            await self._send(b".\r\n", "data", t.data_block)
+            await self._read("data", t.data_end)
+            return None
         self._state.advance(Event.DATA_GO)
         payload = memoryview(p.encode_body(body))
         for start in range(0, len(payload), BODY_CHUNK):

@@ -261,7 +261,6 @@ def rcpt_to(recipient: str, *, smtputf8: bool = False) -> bytes:
 
 # --- body ------------------------------------------------------------------------------
 
-_BARE_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _EOL = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 
@@ -272,7 +271,8 @@ def encode_body(body: bytes) -> bytes:
     The queue already stores CRLF line ends; a bare CR or LF is made a CRLF all the same
     (never sent bare: RFC 5321 §2.3.8). Nothing else about the body is changed.
     """
-    if _BARE_EOL.search(body):
+    crlf = body.count(b"\r\n")
+    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:  # a bare CR or LF somewhere
         body = _EOL.sub(b"\r\n", body)
     if body.startswith(b".") or b"\n." in body:
         body = _LEADING_DOT.sub(b"..", body)

@@ -2,7 +2,8 @@
 
 Python 3.13 has `SSLObject.get_unverified_chain()` (DER bytes). On 3.10-3.12 the same
 method lives on the private `_sslobj` and returns `_ssl.Certificate` objects. Without
-either, only the leaf is available (`getpeercert(binary_form=True)`).
+either, or when the chain is empty (a resumed session), only the leaf is available
+(`getpeercert(binary_form=True)`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def peer_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:
     if getter is None:
         getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
     if getter is not None:
-        return [_der(c) for c in (getter() or ())]
+        chain = [_der(c) for c in (getter() or ())]
+        if chain:
+            return chain
+    # A resumed session presents no certificates; OpenSSL still knows the leaf.
     leaf = ssl_object.getpeercert(binary_form=True)
     return [leaf] if leaf else []

@@ -129,9 +129,12 @@ async def test_tls_12_minimum_against_a_tls_11_server(pki: Pki) -> None:
 # --- pipelining ------------------------------------------------------------------------
 
 
-async def test_pipelining_sends_mail_and_all_rcpts_in_one_write(tls_dest: Destination) -> None:
+@pytest.mark.parametrize("pipeline_data", [True, False])
+async def test_pipelining_sends_mail_and_all_rcpts_in_one_write(tls_dest: Destination,
+                                                               pipeline_data: bool) -> None:
     rcpts = [f"r{i}@example.test" for i in range(5)]
-    sess = await _session(tls_dest)
+    sess = await SmtpSession.connect(tls_dest.host_ip, tls_dest.port, helo_name=HELO,
+                                     timeouts=T, pipeline_data=pipeline_data)
     await sess.ehlo()
     await sess.starttls("mx.example.test")
     await sess.ehlo()
@@ -139,8 +142,9 @@ async def test_pipelining_sends_mail_and_all_rcpts_in_one_write(tls_dest: Destin
     res = await sess.send_mail("s@relay.test", rcpts, b"x\r\n")
     await sess.quit()
     assert res.pipelined and res.delivered == tuple(rcpts)
-    [batch] = await _mail_chunks(tls_dest)  # one read on the server holds MAIL and every RCPT
+    [batch] = await _mail_chunks(tls_dest)  # one read on the server: MAIL, every RCPT (, DATA)
     assert batch.count(b"RCPT TO:") == 5 and batch.startswith(b"MAIL FROM:<s@relay.test>")
+    assert batch.endswith(b"DATA\r\n") == pipeline_data
 
 
 async def test_no_pipelining_when_not_offered() -> None:
@@ -181,10 +185,12 @@ async def test_per_recipient_mix_in_one_transaction() -> None:
     assert msg.rcpt_tos == ["ok@example.test"]
 
 
-async def test_all_recipients_refused_sends_no_data_then_rset_before_next() -> None:
+@pytest.mark.parametrize("pipeline_data", [True, False])
+async def test_all_recipients_refused_then_rset_before_next(pipeline_data: bool) -> None:
     replies = {"rcpt:gone@example.test": (550, "5.1.1 no such user")}
     async with Destination("127.25.20.6", replies=replies) as dest:
-        sess = await _session(dest)
+        sess = await SmtpSession.connect(dest.host_ip, dest.port, helo_name=HELO, timeouts=T,
+                                         pipeline_data=pipeline_data)
         await sess.ehlo()
         first = await sess.send_mail("s@relay.test", ["gone@example.test"], b"one")
         assert first.data is None and first.delivered == ()
@@ -193,7 +199,10 @@ async def test_all_recipients_refused_sends_no_data_then_rset_before_next() -> N
         await sess.quit()
         assert second.delivered == ("ok@example.test",)
         [conn] = await dest.idle_async()
-        assert conn.verbs() == ["EHLO", "MAIL", "RCPT", "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
+        # a pipelined DATA after refused RCPTs is refused by the server (503), no body sent
+        data = ["DATA"] if pipeline_data else []
+        assert conn.verbs() == ["EHLO", "MAIL", "RCPT", *data, "RSET", "MAIL", "RCPT", "DATA",
+                                "QUIT"]
         assert [m.body for m in dest.messages] == [b"two\r\n"]
 
 
@@ -463,3 +472,85 @@ async def test_destinations_share_one_port(pki: Pki) -> None:
     finally:
         for d in dests:
             d.stop()
+
+
+# --- scripted raw servers for what aiosmtpd will not do ---------------------------------
+
+
+async def test_354_without_recipients_ends_an_empty_message() -> None:
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw\r\n")
+        seen.append(await reader.readline())  # EHLO
+        writer.write(b"250-raw\r\n250 PIPELINING\r\n")
+        for _ in range(3):  # MAIL, RCPT, DATA in one batch
+            seen.append(await reader.readline())
+        writer.write(b"250 ok\r\n550 no\r\n354 go ahead anyway\r\n")  # broken: 354
+        seen.append(await reader.readline())
+        writer.write(b"554 no valid recipients\r\n")
+        seen.append(await reader.readline())
+        writer.write(b"221 bye\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.25.20.22", 0)
+    async with server:
+        sess = await SmtpSession.connect("127.25.20.22", server.sockets[0].getsockname()[1],
+                                         helo_name=HELO, timeouts=T)
+        await sess.ehlo()
+        res = await sess.send_mail("s@relay.test", ["r@example.test"], b"secret body\r\n")
+        await sess.quit()
+    assert res.data is None and res.reply_for("r@example.test").code == 550
+    assert seen[1:] == [b"MAIL FROM:<s@relay.test>\r\n", b"RCPT TO:<r@example.test>\r\n",
+                        b"DATA\r\n", b".\r\n", b"QUIT\r\n"]  # the body was never sent
+
+
+async def test_cleartext_after_220_that_arrives_late_still_fails_tls() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw\r\n")
+        await reader.readline()
+        writer.write(b"250-raw\r\n250 STARTTLS\r\n")
+        await reader.readline()
+        writer.write(b"220 go ahead\r\n")
+        await reader.read(1)  # the ClientHello is arriving: now inject, in cleartext
+        writer.write(b"250 injected\r\n")
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.25.20.23", 0)
+    async with server:
+        sess = await SmtpSession.connect("127.25.20.23", server.sockets[0].getsockname()[1],
+                                         helo_name=HELO, timeouts=T)
+        await sess.ehlo()
+        with pytest.raises(TlsError) as err:
+            await sess.starttls("mx.example.test")
+    assert err.value.phase == "tls" and sess.closed
+
+
+async def test_unsolicited_reply_makes_a_session_unusable_for_reuse() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw\r\n")
+        await reader.readline()
+        writer.write(b"250 raw\r\n421 4.4.2 idle timeout\r\n")  # then the server goes away
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.25.20.24", 0)
+    async with server:
+        sess = await SmtpSession.connect("127.25.20.24", server.sockets[0].getsockname()[1],
+                                         helo_name=HELO, timeouts=T)
+        await sess.ehlo()
+        assert not sess.usable
+        with pytest.raises(SmtpClientError) as err:
+            await sess.send_mail("s@relay.test", ["r@example.test"], b"x")
+    assert err.value.phase == "mail" and sess.closed
+
+
+async def test_local_address_is_used() -> None:
+    async with Destination("127.25.20.25") as dest:
+        sess = await SmtpSession.connect(dest.host_ip, dest.port, helo_name=HELO, timeouts=T,
+                                         local_ip="127.25.20.99")
+        await sess.ehlo()
+        await sess.quit()
+        [conn] = await dest.idle_async()
+        assert conn.peer[0] == "127.25.20.99"

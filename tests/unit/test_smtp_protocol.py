@@ -354,7 +354,13 @@ class _LeafOnly:
         return b"leaf"
 
 
+class _Resumed(_LeafOnly):  # a resumed session: the chain getter exists but is empty
+    def get_unverified_chain(self) -> None:
+        return None
+
+
 def test_peer_chain_variants() -> None:
     assert peer_chain(_Old()) == [b"leaf", b"ca"]  # type: ignore[arg-type]
     assert peer_chain(_New()) == [b"leaf", b"ca"]  # type: ignore[arg-type]
     assert peer_chain(_LeafOnly()) == [b"leaf"]  # type: ignore[arg-type]
+    assert peer_chain(_Resumed()) == [b"leaf"]  # type: ignore[arg-type]
