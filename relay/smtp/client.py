@@ -16,7 +16,6 @@ import asyncio
 import functools
 import ssl
 import warnings
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any, Self
@@ -30,11 +29,11 @@ from relay.smtp.protocol import (
     LocalProtocolError,
     ProtocolViolation,
     Reply,
-    ReplyParser,
     SessionState,
     State,
     TransactionResult,
 )
+from relay.smtp.stream import ReplyStream
 from relay.smtp.tlscompat import peer_chain
 
 BODY_CHUNK = 256 * 1024  # bytes written before waiting for the socket (data block timeout)
@@ -113,84 +112,10 @@ def client_context(min_version: str = "1.2") -> ssl.SSLContext:
     return ctx
 
 
-class _Stream(asyncio.Protocol):
-    """Bytes in → parsed replies; write flow control; the connection's fate."""
-
-    def __init__(self) -> None:
-        self.parser = ReplyParser()
-        self.transport: asyncio.Transport | None = None
-        self.replies: deque[Reply] = deque()
-        self.error: BaseException | None = None
-        self.lost = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._writable = asyncio.Event()
-        self._writable.set()
-
-    @property
-    def pending(self) -> bool:
-        """Anything received that nobody asked for yet (complete or partial)."""
-        return bool(self.replies) or self.parser.buffered
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        if self.error is not None:
-            return
-        try:
-            self.replies.extend(self.parser.feed(data))
-        except ProtocolViolation as exc:
-            self.error = exc
-            if self.transport is not None:
-                self.transport.abort()
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self._fail(ConnectionResetError("connection closed by the server"))
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self._fail(exc or ConnectionResetError("connection closed by the server"))
-        self._writable.set()
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    def _fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def next_reply(self) -> Reply:
-        while not self.replies:
-            if self.error is not None:
-                raise self.error
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self.replies.popleft()
-
-    async def drain(self) -> None:
-        await self._writable.wait()
-        if self.lost:
-            raise self.error or ConnectionResetError("connection lost")
-
-
 class SmtpSession:
     """One SMTP connection to one destination address. Create with `connect()`."""
 
-    def __init__(self, stream: _Stream, transport: asyncio.Transport, *, peer: tuple[str, int],
+    def __init__(self, stream: ReplyStream, transport: asyncio.Transport, *, peer: tuple[str, int],
                  helo_name: str, timeouts: Timeouts, pipeline_data: bool = True) -> None:
         self._stream = stream
         self._transport = transport
@@ -215,7 +140,7 @@ class SmtpSession:
         """Connect and read the greeting. A non-2xx greeting raises (phase "greeting")."""
         t = timeouts or Timeouts()
         loop = asyncio.get_running_loop()
-        stream = _Stream()
+        stream = ReplyStream()
         local = (local_ip, 0) if local_ip else None
         try:
             async with asyncio.timeout(t.connect):
