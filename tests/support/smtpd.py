@@ -11,6 +11,11 @@ STARTTLS: the decrypted bytes), each command, TLS version and the SNI the client
 Several destinations can share one port on different 127.x.y.z addresses
 (`start_group`), as delivery uses one port for every MX.
 
+`replies` (a dict, may be changed while running) overrides replies by key: "mail" or
+"mail:<sender>", "rcpt:<address>", "data" (the reply after the final "."), "starttls"
+(instead of 220); values are (code, text) or a whole reply line. A 4xx/5xx refuses (the
+message is not recorded); after any 421 the server closes the connection.
+
 Hostile and broken modes: `inject_after_starttls` (bytes appended to the 220 reply to
 STARTTLS in the same write, then the handshake goes on), `drop_in_data` (read the first
 body line after 354, then reset the connection; True, or a count of DATA commands to
