@@ -234,9 +234,13 @@ class Listener:
         await asyncio.Event().wait()  # the server runs inside the loop; it never ends alone
 
     async def drain(self, deadline: float) -> None:
-        """Refuse new sessions (421 4.3.2), let open transactions finish until `deadline`."""
+        """Refuse new sessions (421 4.3.2), let open transactions finish until `deadline`
+        (or for listener.data_timeout when that is shorter)."""
         self.intake.begin_drain()
-        remaining = deadline - asyncio.get_running_loop().time()
+        # No transaction may legitimately take longer than the DATA phase allows.
+        loop = asyncio.get_running_loop()
+        deadline = min(deadline, loop.time() + self.intake.settings.data_timeout)
+        remaining = deadline - loop.time()
         if remaining > 0:
             try:
                 await asyncio.wait_for(self.intake.empty.wait(), remaining)

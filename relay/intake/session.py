@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 MAX_COMMAND = 1000  # octets of a command line (RFC 5321 §4.5.3.1.4 says 512; be lenient)
 MAX_AUTH_COMMAND = 12288  # RFC 4954 §4
 MAX_ERRORS = 50  # refused commands per session before 421
-MAX_AUTH_FAILURES = 3
+MAX_AUTH_FAILURES = 5  # smtplib alone tries PLAIN then LOGIN
 
 BARE = "bare"
 TOO_BIG = "size"

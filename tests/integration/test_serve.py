@@ -1,0 +1,192 @@
+"""`relay serve` as a process: start-up checks, log, signals, drain, `relay passwd`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.auth import verify_password
+from tests.support import certs
+from tests.support.relayproc import Dialog, RelayProc, deep_merge, default_config, start_relay
+
+
+def _run_serve(tmp_path: Path, **sections: dict[str, object]) -> subprocess.CompletedProcess[str]:
+    """Start a relay that is expected to refuse to start; returns the finished process."""
+    relay = RelayProc(tmp_path, deep_merge(default_config(tmp_path), sections))
+    return subprocess.run(relay.command(), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+
+
+def test_start_logs_starting_and_listening_then_stops_cleanly(tmp_path: Path) -> None:
+    with start_relay(tmp_path) as relay:
+        starting, listening = relay.events()[:2]
+        assert starting["event"] == "starting" and starting["pid"] == relay.pid
+        assert starting["config"] == str(relay.config_path)
+        assert listening["event"] == "listening"
+        assert (listening["host"], listening["port"]) == ("127.0.0.1", relay.port)
+        with relay.smtp() as c:
+            assert c.noop()[0] == 250
+        assert relay.stop() == 0
+    names = [e["event"] for e in relay.events()]
+    assert names[-2:] == ["draining", "stopped"]
+    assert relay.events("stopped")[0]["code"] == 0
+
+
+def test_sigterm_lets_the_open_transaction_finish(tmp_path: Path) -> None:
+    with start_relay(tmp_path) as relay:
+        idle = Dialog(relay.host, relay.port)
+        assert idle.cmd("EHLO idle.test")[0] == 250
+        busy = Dialog(relay.host, relay.port)
+        busy.cmd("EHLO busy.test")
+        busy.cmd("MAIL FROM:<a@example.org>")
+        busy.cmd("RCPT TO:<b@example.com>")
+        assert busy.cmd("DATA")[0] == 354
+        busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        mark = relay.mark()
+        relay.send_signal(signal.SIGTERM)
+        relay.wait_event("draining", after=mark)
+        # an idle session is told and closed; a new session is refused
+        code, text = idle.reply()
+        assert code == 421 and text[0].startswith("4.3.2")
+        assert idle.closed_by_peer()
+        with Dialog(relay.host, relay.port) as late:
+            assert late.greeting[0] == 421 and late.greeting[1][0].startswith("4.3.2")
+        # the open transaction completes and is answered only after its commit
+        code, text = busy.cmd(b"second half\r\n.")
+        assert code == 250 and "queued as" in text[0], text
+        qid = text[0].rsplit(" ", 1)[1]
+        code, text = busy.cmd("MAIL FROM:<a@example.org>")  # no new transaction
+        assert code == 421 and text[0].startswith("4.3.2")
+        assert relay.wait_exit(30) == 0
+        idle.close()
+        busy.close()
+    names = [e["event"] for e in relay.events(after=mark)]
+    assert names.index("draining") < names.index("received") < names.index("stopped")
+    assert names[-1] == "stopped"
+    assert [m["id"] for m in relay.queue_list()] == [qid]
+
+
+def test_second_signal_exits_at_once(tmp_path: Path) -> None:
+    with start_relay(tmp_path) as relay:
+        stuck = Dialog(relay.host, relay.port)
+        stuck.cmd("EHLO stuck.test")
+        stuck.cmd("MAIL FROM:<a@example.org>")  # a transaction that never ends
+        mark = relay.mark()
+        relay.send_signal(signal.SIGTERM)
+        relay.wait_event("draining", after=mark)
+        start = time.monotonic()
+        relay.send_signal(signal.SIGINT)
+        assert relay.wait_exit(10) == 1
+        assert time.monotonic() - start < 5
+        assert relay.events("stopped", after=mark)[-1]["forced"] is True
+        stuck.close()
+
+
+def test_drain_wait_is_bounded(tmp_path: Path) -> None:
+    with start_relay(tmp_path, listener={"data_timeout": "2s"}) as relay:
+        stuck = Dialog(relay.host, relay.port)
+        stuck.cmd("EHLO stuck.test")
+        stuck.cmd("MAIL FROM:<a@example.org>")
+        relay.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        assert relay.wait_exit(20) == 0
+        assert 1.5 < time.monotonic() - start < 10
+        assert stuck.closed_by_peer()
+        stuck.close()
+
+
+def test_log_format_text(tmp_path: Path) -> None:
+    with start_relay(tmp_path, args=("--log-format", "text"), start=False) as relay:
+        relay.start(wait=False)
+        line = relay.wait_line("listening")
+        assert not line.startswith("{") and "port=" in line
+        assert relay.events() == []  # nothing is JSON
+        assert relay.stop() == 0
+
+
+def test_config_errors_exit_2(tmp_path: Path) -> None:
+    bad = _run_serve(tmp_path / "a", listener={"no_such_key": 1})
+    assert bad.returncode == 2
+    assert "listener.no_such_key" in bad.stderr and "relay.toml" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "relay", "serve", "-c",
+                              str(tmp_path / "nope.toml")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    no_key = _run_serve(tmp_path / "b", listener={"tls_cert": str(tmp_path / "x.pem")})
+    assert no_key.returncode == 2 and "tls_key" in no_key.stderr
+    unreadable = _run_serve(tmp_path / "c", listener={"tls_cert": str(tmp_path / "x.pem"),
+                                                      "tls_key": str(tmp_path / "x.key")})
+    assert unreadable.returncode == 2 and "listener.tls_cert" in unreadable.stderr
+
+
+def test_users_file_errors_exit_2(tmp_path: Path) -> None:
+    leaf = certs.make_leaf(["relay.test"])
+    cert, key = certs.write_pair(leaf, directory=tmp_path)
+    users = tmp_path / "users"
+    users.write_text("bob:plaintext-password\n")
+    tls = {"tls_cert": str(cert), "tls_key": str(key)}
+    plain = _run_serve(tmp_path / "a", listener={**tls, "users_file": str(users)})
+    assert plain.returncode == 2
+    assert "plaintext passwords are not accepted" in plain.stderr
+    assert "plaintext-password" not in plain.stderr
+    no_tls = _run_serve(tmp_path / "b", listener={"users_file": str(users)})
+    assert no_tls.returncode == 2 and "AUTH is only offered after STARTTLS" in no_tls.stderr
+
+
+def test_corrupt_database_is_refused_and_left_alone(tmp_path: Path) -> None:
+    db = tmp_path / "queue" / "relay.db"
+    db.parent.mkdir(parents=True)
+    garbage = b"this is not a database" * 200
+    db.write_bytes(garbage)
+    result = _run_serve(tmp_path)
+    assert result.returncode == 1
+    assert "corrupt" in result.stderr and str(db) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert db.read_bytes() == garbage
+    assert [json.loads(ln)["event"] for ln in result.stdout.splitlines()] == ["starting"]
+
+
+def test_port_in_use_exits_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run_serve(tmp_path, listener={"port": port})
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_passwd_prints_a_verifiable_scrypt_line() -> None:
+    out = subprocess.run([sys.executable, "-m", "relay", "passwd", "dave"],
+                         input="pässword\n", capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    user, _, encoded = out.stdout.strip().partition(":")
+    assert user == "dave" and encoded.startswith("$scrypt$n=16384,r=8,p=1$")
+    assert verify_password("pässword".encode(), encoded)
+    assert not verify_password(b"password", encoded)
+    again = subprocess.run([sys.executable, "-m", "relay", "passwd", "dave"],
+                           input="pässword\n", capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert again.stdout != out.stdout  # a fresh salt every time
+    bad = subprocess.run([sys.executable, "-m", "relay", "passwd", "a:b"], input="x\n",
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    empty = subprocess.run([sys.executable, "-m", "relay", "passwd", "e"], input="\n",
+                           capture_output=True, text=True)
+    assert empty.returncode == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_idle_relay_stops_on_either_signal(tmp_path: Path, sig: int) -> None:
+    with start_relay(tmp_path) as relay:
+        relay.send_signal(sig)
+        assert relay.wait_exit(15) == 0
+        assert relay.events("draining")[0]["reason"] == signal.Signals(sig).name
