@@ -97,7 +97,7 @@ def split_hostport(value: str, default_port: int) -> tuple[str, int]:
     elif value.count(":") == 1:
         host, _, p = value.partition(":")
         port = int(p)
-    if not 0 < port < 65536:
+    if not 0 <= port < 65536:
         raise ValueError(f"port out of range in {value!r}")
     return host, port
 

@@ -277,7 +277,7 @@ class Deliverer:
                     return _HostFailure(out, _trace(
                         host, ip, tls=_tls_text(tls), dane=f"failed: {verdict.reason}",
                         code=code, reply=out.reply, security="failed",
-                        failure_type=codetable.tlsa_result_type(code), tls_info=tls))
+                        failure_type=codetable.tlsrpt_result_type(code), tls_info=tls))
                 dane_text = f"authenticated: {verdict.reason}"
                 security = "dane-authenticated"
             elif req is TlsRequirement.ENCRYPT:

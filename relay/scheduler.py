@@ -159,8 +159,8 @@ class Scheduler:
             except NotFound:
                 return  # deleted by an operator while in flight
             except Exception as exc:  # a bug must not lose mail: defer, keep running
-                event("deferred", level="error", id=job.message_id, domain=job.domain,
-                      code="4.3.0", reply=f"internal error: {type(exc).__name__}: {exc}")
+                event("internal_error", level="error", id=job.message_id, domain=job.domain,
+                      error=f"{type(exc).__name__}: {exc}")
                 now = self.clock()
                 out = Outcome(Action.DEFERRED, "4.3.0", f"internal error: {exc}")
                 await self.store.record([self._result(job, {}, None, now, now, default=out)],

@@ -1,0 +1,408 @@
+"""End to end: `relay serve` as a subprocess, a real validating Unbound over signed test
+zones, real aiosmtpd destinations with generated certificates on loopback.
+
+Mail goes in through smtplib; each test waits for the relay's log events and checks the
+final recipient status, code and trace (`relay queue show --json`), what the destination
+received (and how: TLS, SNI), and the NDR that reached the sender's mailbox.
+
+Schedule: retry every 1 s for 3 s, so a failing recipient sees 4 attempts (at 0, 1, 2
+and 3 s after arrival: relay.retry.planned_attempts) and then bounces with an NDR.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay import retry
+from tests.support.certs import Issued, make_ca, make_leaf
+from tests.support.dnsbed import DnsBed, dnsbed_fixture
+from tests.support.relayproc import RelayProc, deep_merge, default_config
+from tests.support.smtpd import Destination, shared_port
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEDULE, LIFETIME = ["1s"], "3s"
+ATTEMPTS = retry.planned_attempts([1.0], 3.0)
+
+IP = {name: f"127.25.9.{i}" for i, name in enumerate(
+    ["ok", "mismatch", "notls", "plain", "fb2", "mixed", "inject", "drop", "senderbox",
+     "ta", "bogus", "fb1", "pkix", "postmaster"], start=1)}
+PORT = shared_port([*IP.values(), "127.0.0.1"])
+
+CA = make_ca("E2E Root")
+INTER = make_ca("E2E Intermediate", issuer=CA)
+
+
+def leaf(name: str) -> Issued:
+    return make_leaf([name], issuer=INTER)
+
+
+CERTS = {name: leaf(f"mx.{name}.test") for name in IP}
+OTHER = make_leaf(["someone.else.test"])
+
+
+def tlsa311(cert: Issued) -> str:
+    return "3 1 1 " + cert.tlsa_data(1, 1).hex()
+
+
+def host(bed: DnsBed, zone: str, ip: str, *, tlsa: str | None = None, signed: bool = True,
+         mx: str = "mx") -> None:
+    z = bed.zone(zone, signed=signed)
+    z.add("@", "MX", f"10 {mx}.{zone}.").add(mx, "A", ip)
+    if tlsa:
+        z.add(f"_{PORT}._tcp.{mx}", "TLSA", tlsa)
+
+
+def world(bed: DnsBed) -> None:
+    host(bed, "ok.test", IP["ok"], tlsa=tlsa311(CERTS["ok"]))
+    host(bed, "mismatch.test", IP["mismatch"], tlsa=tlsa311(OTHER))
+    host(bed, "notls.test", IP["notls"], tlsa=tlsa311(CERTS["notls"]))
+    host(bed, "plain.test", IP["plain"], tlsa=tlsa311(OTHER), signed=False)
+    host(bed, "mixed.test", IP["mixed"], tlsa=tlsa311(CERTS["mixed"]))
+    host(bed, "inject.test", IP["inject"], tlsa=tlsa311(CERTS["inject"]))
+    host(bed, "drop.test", IP["drop"], tlsa=tlsa311(CERTS["drop"]))
+    host(bed, "senderbox.test", IP["senderbox"])
+    host(bed, "postmaster.test", IP["postmaster"])
+    host(bed, "pkix.test", IP["pkix"], tlsa="1 1 1 " + "ab" * 32)
+    # DANE-TA: 2 0 1 names the intermediate the destination sends.
+    host(bed, "ta.test", IP["ta"], tlsa="2 0 1 " + INTER.tlsa_data(0, 1).hex())
+    host(bed, "bogus.test", IP["bogus"], tlsa=tlsa311(CERTS["bogus"]))
+    bed.zone("bogus.test").break_rrsig(f"_{PORT}._tcp.mx", "TLSA")
+    # Two MX: the first has no server (connection refused), the second works.
+    fb = bed.zone("fallback.test")
+    fb.add("@", "MX", "10 mx1.fallback.test.").add("@", "MX", "20 mx2.fallback.test.")
+    fb.add("mx1", "A", IP["fb1"]).add(f"_{PORT}._tcp.mx1", "TLSA", tlsa311(CERTS["fb1"]))
+    fb.add("mx2", "A", IP["fb2"]).add(f"_{PORT}._tcp.mx2", "TLSA", tlsa311(CERTS["fb2"]))
+    bed.zone("nullmx.test").add("@", "MX", "0 .")
+    # The MX is this relay itself (its listener is on 127.0.0.1:PORT).
+    host(bed, "loop.test", "127.0.0.1")
+
+
+dnsbed = dnsbed_fixture(world)
+
+
+@pytest.fixture(scope="module")
+def dests() -> Iterator[dict[str, Destination]]:
+    chain = [INTER]
+    made = {
+        "ok": Destination(IP["ok"], PORT, tls=(CERTS["ok"], chain)),
+        "mismatch": Destination(IP["mismatch"], PORT, tls=(CERTS["mismatch"], chain)),
+        "notls": Destination(IP["notls"], PORT, starttls=False),
+        "plain": Destination(IP["plain"], PORT),
+        "fb2": Destination(IP["fb2"], PORT, tls=(CERTS["fb2"], chain)),
+        "mixed": Destination(IP["mixed"], PORT, tls=(CERTS["mixed"], chain), replies={
+            "rcpt:soft@mixed.test": (450, "4.2.1 mailbox busy"),
+            "rcpt:hard@mixed.test": (550, "5.1.1 no such user")}),
+        "inject": Destination(IP["inject"], PORT, tls=(CERTS["inject"], chain),
+                              inject_after_starttls=b"250 injected\r\n"),
+        "drop": Destination(IP["drop"], PORT, tls=(CERTS["drop"], chain), drop_in_data=1),
+        "senderbox": Destination(IP["senderbox"], PORT),
+        "postmaster": Destination(IP["postmaster"], PORT),
+        "ta": Destination(IP["ta"], PORT, tls=(CERTS["ta"], chain)),
+        "pkix": Destination(IP["pkix"], PORT, tls=(CERTS["pkix"], chain)),
+        "bogus": Destination(IP["bogus"], PORT, tls=(CERTS["bogus"], chain)),
+    }
+    for d in made.values():
+        d.start()
+    yield made
+    for d in made.values():
+        d.stop()
+
+
+@pytest.fixture(scope="module")
+def relay(dnsbed: DnsBed, dests: dict[str, Destination],
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProc]:
+    work = tmp_path_factory.mktemp("relay-e2e")
+    config = deep_merge(default_config(work), {
+        "listener": {"port": PORT},
+        "dns": {"nameservers": [dnsbed.nameserver], "timeout": "3s"},
+        "delivery": {"enabled": True, "port": PORT, "retry_schedule": SCHEDULE,
+                     "max_lifetime": LIFETIME, "poll_interval": "0.2s",
+                     "connect_timeout": "2s", "greeting_timeout": "5s"},
+        "ndr": {"postmaster": "pm@postmaster.test"},
+        "metrics": {"listen": "127.0.0.1:0"},
+    })
+    proc = RelayProc(work, config)
+    proc.start()
+    proc.wait_event("resolver_check", validating=True, timeout=15)
+    yield proc
+    proc.stop()
+
+
+def queue_id_for(relay: RelayProc, mark: int) -> str:
+    return str(relay.wait_event("received", after=mark)["id"])
+
+
+def submit(relay: RelayProc, rcpts: list[str], sender: str = "alice@senderbox.test") -> str:
+    mark = relay.mark()
+    tag = uuid.uuid4().hex[:8]
+    body = (f"From: <{sender}>\r\nTo: <{rcpts[0]}>\r\nSubject: test {tag}\r\n"
+            f"Message-ID: <{tag}@client.test>\r\n\r\nHello {tag}\r\n.leading dot\r\n")
+    with relay.smtp() as client:
+        client.sendmail(sender, rcpts, body.encode())
+    return queue_id_for(relay, mark)
+
+
+def show(relay: RelayProc, qid: str) -> dict[str, Any]:
+    r = subprocess.run([sys.executable, "-m", "relay", "queue", "show", qid, "--json",
+                        "-c", str(relay.config_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return dict(json.loads(r.stdout))
+
+
+def final(relay: RelayProc, qid: str, rcpt: str, timeout: float = 20) -> dict[str, Any]:
+    """Wait for the recipient's final event (delivered / bounced / expired)."""
+    for name in ("delivered", "bounced", "expired"):
+        found = relay.events(name, id=qid, recipient=rcpt)
+        if found:
+            return found[0]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name in ("delivered", "bounced", "expired"):
+            found = relay.events(name, id=qid, recipient=rcpt)
+            if found:
+                return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"{rcpt} of {qid} not final within {timeout}s:\n"
+                         + "\n".join(relay.lines[-30:]))
+
+
+def recipient(info: dict[str, Any], address: str) -> dict[str, Any]:
+    return next(r for r in info["recipients"] if r["address"] == address)
+
+
+def ndr_for(dests: dict[str, Destination], qid: str, box: str = "senderbox") -> Any:
+    for msg in dests[box].wait_messages(1, timeout=20):
+        if qid.encode() in msg.body:
+            return msg
+    import time
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for msg in dests[box].messages:
+            if qid.encode() in msg.body:
+                return msg
+        time.sleep(0.1)
+    raise AssertionError(f"no NDR for {qid} in {box}")
+
+
+def delivery_status(msg: Any) -> list[dict[str, str]]:
+    parsed = email.message_from_bytes(msg.body, policy=email.policy.default)
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed.get_param("report-type") == "delivery-status"
+    assert parsed["Auto-Submitted"] == "auto-replied"
+    parts = list(parsed.iter_parts())
+    ds = next(p for p in parts if p.get_content_type() == "message/delivery-status")
+    blocks = []
+    for block in ds.get_payload():
+        blocks.append({k.lower(): str(v) for k, v in block.items()})
+    return blocks
+
+
+# --- the scenarios ----------------------------------------------------------------------
+
+
+def test_dane_311_match_delivers_over_tls_with_sni(relay: RelayProc,
+                                                   dests: dict[str, Destination]) -> None:
+    qid = submit(relay, ["bob@ok.test"])
+    ev = final(relay, qid, "bob@ok.test")
+    assert ev["event"] == "delivered"
+    msg = dests["ok"].wait_messages(1)[0]
+    assert msg.tls and msg.tls_version in ("TLSv1.2", "TLSv1.3")
+    assert msg.sni == "mx.ok.test"
+    assert msg.mail_from == "alice@senderbox.test" and msg.rcpt_tos == ["bob@ok.test"]
+    assert b"\r\n.leading dot\r\n" in msg.body  # dot-stuffing undone by the server
+    info = show(relay, qid)
+    r = recipient(info, "bob@ok.test")
+    assert r["status"] == "delivered" and r["attempts"] == 1
+    h = r["history"][-1]
+    assert h["mx"] == "mx.ok.test" and h["ip"] == IP["ok"] and h["dnssec"] == "secure"
+    assert h["dane"].startswith("authenticated") and "TLSv1" in h["tls"]
+    att = relay.events("attempt", id=qid)
+    assert att and att[-1]["security"] == "dane-authenticated"
+
+
+def test_dane_ta_201_with_intermediate_in_chain(relay: RelayProc,
+                                               dests: dict[str, Destination]) -> None:
+    qid = submit(relay, ["bob@ta.test"])
+    assert final(relay, qid, "bob@ta.test")["event"] == "delivered"
+    assert dests["ta"].wait_messages(1)[0].tls
+
+
+def test_mismatch_is_retried_then_bounced_with_one_ndr(relay: RelayProc,
+                                                       dests: dict[str, Destination]) -> None:
+    qid = submit(relay, ["bob@mismatch.test"])
+    ev = final(relay, qid, "bob@mismatch.test")
+    assert ev["event"] == "expired" and ev["code"] == "5.7.323"
+    deferred = relay.events("deferred", id=qid)
+    assert len(deferred) == ATTEMPTS - 1
+    assert all(e["code"] == "4.7.323" for e in deferred)
+    assert "tlsa-invalid: The domain failed DANE validation." in deferred[0]["reply"]
+    info = show(relay, qid)
+    r = recipient(info, "bob@mismatch.test")
+    assert r["status"] == "bounced" and r["code"] == "5.7.323" and r["attempts"] == ATTEMPTS
+    assert len(r["history"]) == ATTEMPTS
+    # Nothing reached the destination: the handshake happened, no MAIL was sent.
+    assert not dests["mismatch"].messages
+    assert all("MAIL" not in c.verbs() for c in dests["mismatch"].connections)
+    ndr = ndr_for(dests, qid)
+    assert ndr.mail_from == "" and ndr.rcpt_tos == ["alice@senderbox.test"]
+    blocks = delivery_status(ndr)
+    assert blocks[0]["reporting-mta"].startswith("dns;")
+    rcpt = blocks[1]
+    assert rcpt["final-recipient"] == "rfc822; bob@mismatch.test"
+    assert rcpt["action"] == "failed" and rcpt["status"] == "5.7.323"
+    assert "tlsa-invalid" in rcpt["diagnostic-code"]
+    assert "last-attempt-date" in rcpt
+    # Exactly one NDR for this message.
+    import time
+
+    time.sleep(1.5)
+    assert sum(qid.encode() in m.body for m in dests["senderbox"].messages) == 1
+
+
+def test_starttls_missing_where_tlsa_demands_it(relay: RelayProc,
+                                                dests: dict[str, Destination]) -> None:
+    qid = submit(relay, ["bob@notls.test"])
+    ev = final(relay, qid, "bob@notls.test")
+    assert ev["code"] == "5.7.321"
+    assert not dests["notls"].messages  # never in cleartext
+
+
+def test_only_pkix_usages_require_tls_without_authentication(
+        relay: RelayProc, dests: dict[str, Destination]) -> None:
+    qid = submit(relay, ["bob@pkix.test"])
+    assert final(relay, qid, "bob@pkix.test")["event"] == "delivered"
+    assert dests["pkix"].wait_messages(1)[0].tls
+
+
+def test_insecure_zone_delivers_opportunistically(relay: RelayProc,
+                                                  dests: dict[str, Destination]) -> None:
+    qid = submit(relay, ["bob@plain.test"])
+    assert final(relay, qid, "bob@plain.test")["event"] == "delivered"
+    msg = dests["plain"].wait_messages(1)[0]
+    assert not msg.tls  # the destination has no certificate: plain, as policy allows
+    h = recipient(show(relay, qid), "bob@plain.test")["history"][-1]
+    assert h["dnssec"] == "insecure"
+
+
+def test_bogus_tlsa_defers_with_dnssec_invalid(relay: RelayProc,
+                                               dests: dict[str, Destination]) -> None:
+    qid = submit(relay, ["bob@bogus.test"])
+    ev = final(relay, qid, "bob@bogus.test")
+    assert ev["code"] == "5.7.324"
+    assert not dests["bogus"].connections  # no connection to a host with bogus TLSA
+
+
+def test_fallback_to_second_mx(relay: RelayProc, dests: dict[str, Destination]) -> None:
+    qid = submit(relay, ["bob@fallback.test"])
+    assert final(relay, qid, "bob@fallback.test")["event"] == "delivered"
+    assert dests["fb2"].wait_messages(1)[0].tls
+    hist = recipient(show(relay, qid), "bob@fallback.test")["history"]
+    assert [h["mx"] for h in hist] == ["mx1.fallback.test", "mx2.fallback.test"]
+    assert hist[0]["code"] == "4.4.1"
+
+
+def test_per_recipient_mix_in_one_transaction(relay: RelayProc,
+                                              dests: dict[str, Destination]) -> None:
+    rcpts = ["ok@mixed.test", "soft@mixed.test", "hard@mixed.test"]
+    qid = submit(relay, rcpts)
+    assert final(relay, qid, "ok@mixed.test")["event"] == "delivered"
+    hard = final(relay, qid, "hard@mixed.test")
+    assert hard["event"] == "bounced" and hard["code"] == "5.1.1"
+    soft = final(relay, qid, "soft@mixed.test")
+    assert soft["event"] == "expired" and soft["code"] == "5.2.1"
+    first = dests["mixed"].messages[0]
+    assert first.rcpt_tos == ["ok@mixed.test"]
+    # One NDR for the message, covering both failed recipients.
+    blocks = delivery_status(ndr_for(dests, qid))
+    finals = sorted(b["final-recipient"] for b in blocks[1:])
+    assert finals == ["rfc822; hard@mixed.test", "rfc822; soft@mixed.test"]
+
+
+def test_injection_after_starttls_is_never_read_as_tls(relay: RelayProc,
+                                                       dests: dict[str, Destination]) -> None:
+    qid = submit(relay, ["bob@inject.test"])
+    ev = final(relay, qid, "bob@inject.test")
+    assert ev["event"] == "expired" and ev["code"] == "5.7.321"
+    conns = dests["inject"].connections
+    assert conns and all("MAIL" not in c.verbs() for c in conns)
+
+
+def test_connection_dropped_mid_data_is_retried(relay: RelayProc,
+                                                dests: dict[str, Destination]) -> None:
+    qid = submit(relay, ["bob@drop.test"])
+    assert final(relay, qid, "bob@drop.test")["event"] == "delivered"
+    r = recipient(show(relay, qid), "bob@drop.test")
+    assert r["attempts"] == 2
+    assert r["history"][0]["code"] == "4.4.2"
+
+
+def test_null_mx_bounces_at_once(relay: RelayProc, dests: dict[str, Destination]) -> None:
+    qid = submit(relay, ["bob@nullmx.test"])
+    ev = final(relay, qid, "bob@nullmx.test", timeout=10)
+    assert ev["event"] == "bounced" and ev["code"] == "5.1.10"
+    assert recipient(show(relay, qid), "bob@nullmx.test")["attempts"] == 1
+    ndr_for(dests, qid)
+
+
+def test_nxdomain_bounces_at_once(relay: RelayProc) -> None:
+    qid = submit(relay, ["bob@no-such-domain.test"])
+    ev = final(relay, qid, "bob@no-such-domain.test", timeout=10)
+    assert ev["event"] == "bounced" and ev["code"] == "5.1.2"
+
+
+def test_null_sender_is_never_sent_an_ndr(relay: RelayProc,
+                                          dests: dict[str, Destination]) -> None:
+    before = len(dests["senderbox"].messages) + len(dests["postmaster"].messages)
+    qid = submit(relay, ["bob@nullmx.test"], sender="")
+    assert final(relay, qid, "bob@nullmx.test", timeout=10)["code"] == "5.1.10"
+    import time
+
+    time.sleep(1.0)
+    assert not relay.events("ndr_sent", id=qid)
+    assert len(dests["senderbox"].messages) + len(dests["postmaster"].messages) == before
+
+
+def test_mx_pointing_at_the_relay_itself_is_a_loop(relay: RelayProc) -> None:
+    qid = submit(relay, ["bob@loop.test"])
+    ev = final(relay, qid, "bob@loop.test", timeout=10)
+    assert ev["event"] == "bounced" and ev["code"] == "5.4.6"
+
+
+def test_metrics_count_what_happened_and_nothing_failed_inside(relay: RelayProc) -> None:
+    """Runs last: the Prometheus counters, read over HTTP, equal the events logged."""
+    import urllib.request
+
+    port = relay.wait_event("listening", service="metrics")["port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+
+    def value(metric: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(metric + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    assert value("relay_received_total") == len(relay.events("received")) > 10
+    assert value("relay_delivered_total") == len(relay.events("delivered")) > 5
+    assert value('relay_bounced_total{code="5.1.10"}') == len(
+        relay.events("bounced", code="5.1.10")) >= 2
+    assert value('relay_expired_total{code="5.7.323"}') >= 1
+    authenticated = len(relay.events("attempt", security="dane-authenticated"))
+    assert value('relay_dane_outcomes_total{code="",outcome="dane-authenticated"}') \
+        == authenticated > 0
+    assert value('relay_queue_recipients{status="delivered"}') >= 5
+    assert not relay.events("internal_error")
