@@ -227,8 +227,8 @@ class Listener:
             raise RelayError(f"cannot listen on {self.host}:{self.port}: {exc}") from None
         host, port = self.bound[0]
         self.port = port
-        event("listening", host=host, port=port, tls=self.intake.tls_context is not None,
-              auth=self.intake.auth_enabled)
+        event("listening", service="smtp", host=host, port=port,
+              tls=self.intake.tls_context is not None, auth=self.intake.auth_enabled)
 
     async def wait(self) -> None:
         await asyncio.Event().wait()  # the server runs inside the loop; it never ends alone

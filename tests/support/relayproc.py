@@ -168,6 +168,7 @@ class RelayProc:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         env.update(self.extra_env)
         self.runs += 1
+        mark = self.mark()
         self.stderr_path = self.workdir / f"stderr.{self.runs}.txt"
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
@@ -178,7 +179,7 @@ class RelayProc:
                                         daemon=True)
         self._reader.start()
         if wait:
-            ev = self.wait_event("listening", timeout=timeout)
+            ev = self.wait_event("listening", timeout=timeout, after=mark, service="smtp")
             self.port = int(ev["port"])
         return self
 
