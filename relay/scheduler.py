@@ -180,6 +180,9 @@ class Scheduler:
         await self.store.record([result], now=finished)
         if any(u.status is RecipientStatus.BOUNCED for u in result.updates):
             await self._maybe_ndr(job.message_id)
+        elif (self.config.ndr.delay_warning is not None and job.sender
+              and any(u.status is RecipientStatus.DEFERRED for u in result.updates)):
+            await self._maybe_delay_warning(job.message_id)
 
     def _result(self, job: Job, outcomes: dict[str, Outcome], report: AttemptReport | None,
                 started: float, finished: float, *, default: Outcome | None = None,
@@ -306,3 +309,38 @@ class Scheduler:
         await self.store.set_ndr_state(ids, "sent", now=now)
         event("ndr_sent", id=message_id, ndr_id=ndr_id, to=to,
               recipients=len(pending), kind=new_kind)
+
+    async def _maybe_delay_warning(self, message_id: str) -> None:
+        """One warning per recipient once it has waited `ndr.delay_warning` (Postfix's
+        delay_warning_time); off by default."""
+        now = self.clock()
+        info = await self.store.get_message(message_id)
+        due = [r for r in info.recipients
+               if r.status is RecipientStatus.DEFERRED and retry.delay_warning_due(
+                   info.received_at, now, self.config.ndr.delay_warning, r.warned_at is not None)]
+        if not due or not self.config.ndr.enabled:
+            return
+        d = self.config.delivery
+        until = _utc(retry.deadline(info.received_at, d.max_lifetime))
+        body = dsn.build_delay_warning(
+            original_headers=await self.store.load_headers(message_id),
+            envelope_sender=info.sender, envelope_id=None, arrival_date=_utc(info.received_at),
+            reporting_mta=self.hostname,
+            delayed=[dsn.FailedRecipient(address=r.address, status_code=r.code or "4.0.0",
+                                         action="delayed", diagnostic=r.reply or None,
+                                         last_attempt=_utc(r.updated_at or now))
+                     for r in due],
+            will_retry_until=until, now=_utc(now),
+            message_id=f"{message_id}.delay@{self.hostname}",
+            boundary=f"{message_id}/delay/{self.hostname}", queue_id=message_id)
+        if body is None:
+            return
+        warning_id = await self.store.enqueue(
+            Envelope(sender="", recipients=(info.sender,), body=body,
+                     smtputf8=not info.sender.isascii(),
+                     extra={"kind": "delay-warning", "original": message_id}), now=now)
+        await self.store.record([JobResult(message_id, tuple(
+            RecipientUpdate(r.id, RecipientStatus.DEFERRED, r.code, r.reply,
+                            next_attempt_at=r.next_attempt_at, attempts=r.attempts,
+                            warned_at=now) for r in due))], now=now)
+        event("delay_warning", id=message_id, warning_id=warning_id, recipients=len(due))
