@@ -231,6 +231,8 @@ def parse_path(text: str, *, role: str) -> Path | Refusal:
     token is taken as the mailbox (as Postfix does by default).
     """
     text = text.lstrip(" ")
+    if any(_control(ch) for ch in text):
+        return _bad(role, "control character")
     if text.startswith("<"):
         split = _split_path(text)
         if split is None:
