@@ -29,3 +29,11 @@ def test_every_key_is_documented() -> None:
 def test_splice_detects_drift() -> None:
     readme = f"x\n{configdoc.START}\n\nold table\n{configdoc.END}\ny\n"
     assert configdoc.splice(readme, configdoc.reference()) != readme
+
+
+def test_every_log_event_is_documented_in_the_readme() -> None:
+    from relay.log import EVENTS
+
+    readme = (ROOT / "README.md").read_text()
+    for name in EVENTS:
+        assert f"`{name}`" in readme, f"log event {name} is not in README.md"
