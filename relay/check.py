@@ -1,0 +1,373 @@
+"""`relay check DOMAIN [--json] [--no-connect]`: the delivery worker's checks, no mail sent.
+
+Like Postfix's posttls-finger or the source service's connectivity analyzer: probe the
+resolver (`. DNSKEY` with AD), plan the destination exactly as delivery does
+(relay.destination: MX → A/AAAA → TLSA per SPEC's DANE rules), then, per address of every
+usable host (in MX order), connect, EHLO, STARTTLS where the plan asks for it, match the
+presented chain against the TLSA records, EHLO again, and QUIT — never MAIL FROM.
+Every per-host decision comes from relay.verdict, the module delivery uses, so the code
+shown is the one delivery would record.
+
+The verdict: the first host in MX order that would take the mail decides
+(`dane-authenticated`, `tls`, `plain`); if none would, `defer` with the most specific code
+(or `bounce` when every host refused permanently, or for null MX / NXDOMAIN). Exit 0 when
+delivery would happen, 1 otherwise. Unlike delivery, which randomizes hosts of equal
+preference, the check walks them in the plan's order, and waits at most
+CHECK_MAX_WAIT seconds per SMTP step.
+
+The report is one JSON-ready dict (`run_check`); relay.checkfmt renders it as text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from relay import checkfmt, verdict
+from relay import codes as codetable
+from relay import config as configmod
+from relay.config import Config
+from relay.delivery import DeliverySettings
+from relay.destination import answer_dict, plan_destination
+from relay.errors import SmtpClientError, TlsError
+from relay.model import Action, Outcome, TlsRequirement
+from relay.policy import DomainPlan, HostPlan, PlanAction
+from relay.resolve import Resolver, ValidationProbe, check_validating
+from relay.smtp.client import SmtpSession, Timeouts, TlsInfo
+
+CHECK_MAX_WAIT = 60.0  # seconds per SMTP step (delivery waits up to the configured ones)
+PARALLEL = 8  # addresses probed at once
+DELIVERING = ("dane-authenticated", "tls", "plain")
+Clock = Callable[[], dt.datetime]
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# --- one address ----------------------------------------------------------------------------
+
+
+@dataclass
+class AddressCheck:
+    """What happened on one address: the steps in order and the facts they found."""
+
+    ip: str
+    port: int
+    steps: list[dict[str, str]] = field(default_factory=list)
+    connected: bool = False
+    greeting: str | None = None
+    ehlo: list[str] | None = None
+    starttls_offered: bool | None = None
+    tls: TlsInfo | None = None
+    chain: checkfmt.ChainCheckFacts | None = None
+    security: str = ""  # dane-authenticated | tls | plain | failed
+    outcome: Outcome | None = None  # the failure, when security == "failed"
+    failure_type: str | None = None
+    plain_retry: bool = False
+    quit_before_mail: bool = False
+
+    def step(self, status: str, text: str) -> None:
+        self.steps.append({"status": status, "text": text})
+
+    def fail(self, outcome: Outcome, failure_type: str | None = None) -> AddressCheck:
+        self.security, self.outcome, self.failure_type = "failed", outcome, failure_type
+        self.step("fail", f"→ {outcome.code} {codetable.text(outcome.code) or outcome.reply}")
+        return self
+
+
+class AddressProbe:
+    """Delivery's per-address session (relay.delivery.Deliverer._try), ending in QUIT."""
+
+    def __init__(self, settings: DeliverySettings, clock: Clock = _utcnow) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.limits = verdict.Limits(settings.ee_check_expiry, settings.max_tlsa_records,
+                                     settings.max_chain)
+
+    async def run(self, host: HostPlan, ip: str) -> AddressCheck:
+        s, port = self.settings, host.port
+        res = AddressCheck(ip, port)
+        if verdict.loops_back(ip, port, s.own_endpoints):
+            res.step("fail", f"[{ip}]:{port} is this relay's own listener (mail loop)")
+            return res.fail(verdict.loop_outcome(host, ip))
+        req = host.requirement or TlsRequirement.MAY
+        use_tls = True
+        while True:
+            try:
+                sess = await SmtpSession.connect(ip, port, helo_name=s.helo_name,
+                                                 timeouts=s.timeouts)
+            except SmtpClientError as exc:
+                res.step("fail", f"connect/greeting: {exc}")
+                return res.fail(*verdict.session_failure(host, ip, exc, req))
+            res.connected = True
+            res.greeting = str(sess.greeting) if sess.greeting else None
+            res.step("ok", f"connected to [{ip}]:{port}: {res.greeting}")
+            try:
+                return await self._session(sess, host, ip, req, res, use_tls)
+            except TlsError as exc:
+                sess.close()
+                res.step("fail", f"{exc.phase}: {exc}")
+                if req is TlsRequirement.MAY and use_tls and exc.phase == "tls":
+                    use_tls = False  # delivery reconnects and goes on in cleartext
+                    res.plain_retry = True
+                    res.step("warn", "opportunistic TLS: the relay would reconnect and "
+                             "deliver in cleartext")
+                    continue
+                return res.fail(*verdict.session_failure(host, ip, exc, req))
+            except SmtpClientError as exc:
+                sess.close()
+                res.step("fail", f"{exc.phase}: {exc}")
+                return res.fail(*verdict.session_failure(host, ip, exc, req))
+            finally:
+                if not sess.closed:
+                    await sess.quit()
+                    sess.close()
+
+    async def _session(self, sess: SmtpSession, host: HostPlan, ip: str,
+                       req: TlsRequirement, res: AddressCheck, use_tls: bool) -> AddressCheck:
+        reply = await sess.ehlo()
+        res.ehlo = sorted(sess.extensions.keywords) if sess.extensions.esmtp else []
+        offered = sess.extensions.starttls
+        res.starttls_offered = offered
+        hello = "EHLO" if sess.extensions.esmtp else "HELO (EHLO refused)"
+        res.step("ok", f"{hello}: {reply.code}" + (
+            f" {', '.join(res.ehlo)}" if res.ehlo else ""))
+        res.step("ok" if offered else ("fail" if verdict.mandatory(req) else "warn"),
+                 "STARTTLS offered" if offered else "STARTTLS not offered")
+        step = verdict.tls_step(req, offered, use_tls)
+        if step is verdict.TlsStep.MISSING:
+            return res.fail(verdict.starttls_missing(host, ip),
+                            verdict.STARTTLS_NOT_SUPPORTED)
+        security = "plain"
+        if step is verdict.TlsStep.STARTTLS:
+            try:
+                tls = await sess.starttls(host.sni, min_version=verdict.starttls_min_version(
+                    req, self.settings.min_tls_version))
+            except TlsError as exc:
+                if verdict.mandatory(req) or not sess.usable:
+                    raise
+                res.step("warn", f"STARTTLS refused ({exc}): opportunistic, the session "
+                         "goes on in cleartext")
+                tls = None
+            if tls is not None:
+                res.tls = tls
+                bits = f" ({tls.bits} bits)" if tls.bits else ""
+                res.step("ok", f"TLS {tls.version} {tls.cipher}{bits}, SNI "
+                         f"{tls.server_hostname or '(none)'}, {len(tls.chain)} certificate(s)")
+                judged = verdict.check_chain(host, tls.chain, self.clock(), self.limits)
+                res.chain = checkfmt.chain_facts(host, tls.chain, judged, self.clock())
+                if not judged.ok:
+                    res.step("fail", f"DANE: {judged.reason}")
+                    return res.fail(verdict.chain_failure(host, ip, judged),
+                                    codetable.tlsrpt_result_type(judged.code or ""))
+                res.step("ok", f"DANE: {judged.dane_text}")
+                security = judged.security
+                await sess.ehlo()
+                res.step("ok", "EHLO again on the TLS session")
+        elif not use_tls:
+            res.step("warn", "cleartext (retry after the failed TLS handshake)")
+        elif req is TlsRequirement.NONE:
+            res.step("info", "cleartext (route tls = \"none\")")
+        else:
+            res.step("warn", "cleartext: opportunistic TLS, STARTTLS not offered")
+        res.security = security
+        await sess.quit()
+        res.quit_before_mail = True
+        res.step("ok", "QUIT before MAIL FROM: no mail sent")
+        return res
+
+
+def capped(t: Timeouts, limit: float = CHECK_MAX_WAIT) -> Timeouts:
+    return Timeouts(**{f.name: min(getattr(t, f.name), limit) for f in fields(Timeouts)})
+
+
+# --- the whole check ------------------------------------------------------------------------
+
+
+@dataclass
+class HostResult:
+    host: HostPlan
+    addresses: list[AddressCheck] = field(default_factory=list)
+
+
+async def run_check(domain: str, cfg: Config, *, connect: bool = True,
+                    hostname: str | None = None, clock: Clock = _utcnow) -> dict[str, Any]:
+    """Run every check for `domain` and return the report (JSON-ready)."""
+    resolver = Resolver.from_config(cfg.dns)
+    probe = await check_validating(resolver)
+    plan = await plan_destination(domain, resolver, cfg, probe=probe)
+    name = hostname or cfg.listener.hostname or socket.getfqdn()
+    settings = DeliverySettings.from_config(cfg, name)
+    settings = replace(settings, timeouts=capped(settings.timeouts))
+    results = [HostResult(h) for h in plan.hosts]
+    if connect and plan.action is PlanAction.DELIVER:
+        gate = asyncio.Semaphore(PARALLEL)
+        prober = AddressProbe(settings, clock)
+
+        async def one(host: HostPlan, ip: str) -> AddressCheck:
+            async with gate:
+                return await prober.run(host, ip)
+
+        jobs = [(r, asyncio.ensure_future(one(r.host, a.ip)))
+                for r in results if r.host.usable
+                for a in r.host.addresses[: settings.max_addresses]]
+        for r, job in jobs:
+            r.addresses.append(await job)
+    return build_report(domain, cfg, probe, resolver, plan, results, connect=connect,
+                        now=clock())
+
+
+def _decide(plan: DomainPlan, results: list[HostResult], connect: bool
+            ) -> tuple[str, Outcome | None, tuple[HostResult, AddressCheck | None] | None]:
+    """(verdict, failure outcome, deciding host/address) the way delivery walks hosts."""
+    if plan.action is not PlanAction.DELIVER:
+        out = verdict.plan_outcome(plan)
+        return ("bounce" if out.action is Action.BOUNCED else "defer"), out, None
+    failures = [verdict.unusable_outcome(r.host) for r in results if not r.host.usable]
+    usable = [r for r in results if r.host.usable]
+    if not connect:
+        first = usable[0]
+        req = first.host.requirement
+        kind = {TlsRequirement.DANE: "dane-authenticated",
+                TlsRequirement.ENCRYPT: "tls"}.get(req, "plain") if req else "plain"
+        return kind, None, (first, None)
+    for r in usable:
+        for a in r.addresses:
+            if a.outcome is None:
+                return a.security, None, (r, a)
+            failures.append(a.outcome)
+            if a.outcome.code == codetable.LOOP:
+                return "bounce", a.outcome, (r, a)
+    out = verdict.give_up(failures)
+    return ("bounce" if out.action is Action.BOUNCED else "defer"), out, None
+
+
+def build_report(domain: str, cfg: Config, probe: ValidationProbe, resolver: Resolver,
+                 plan: DomainPlan, results: list[HostResult], *, connect: bool,
+                 now: dt.datetime) -> dict[str, Any]:
+    kind, failure, decided = _decide(plan, results, connect)
+    code = failure.code if failure else None
+    hosts = [_host_dict(r, connect and plan.action is PlanAction.DELIVER) for r in results]
+    report: dict[str, Any] = {
+        "domain": plan.domain or domain,
+        "verdict": kind,
+        "code": code,
+        "code_text": codetable.text(code) if code else None,
+        "reply": failure.reply if failure else None,
+        "deliverable": kind in DELIVERING,
+        "connected": connect,
+        "checked_at": now.isoformat(timespec="seconds"),
+        "resolver": {
+            "nameservers": [f"{h}:{p}" for h, p in resolver.nameservers],
+            "validating": probe.validating, "reachable": probe.reachable,
+            "detail": probe.detail, "required": cfg.dns.require_validating_resolver,
+        },
+        "mx": _mx_dict(plan),
+        "plan": {"action": str(plan.action), "code": plan.code, "reason": plan.reason,
+                 "dane_mode": str(plan.dane_mode), "route": plan.route,
+                 "failure_type": plan.failure_type},
+        "hosts": hosts,
+        "decided_by": None,
+    }
+    if decided is not None:
+        r, a = decided
+        report["decided_by"] = {"host": r.host.name, "ip": a.ip if a else None,
+                                "requirement": str(r.host.requirement)
+                                if r.host.requirement else None}
+    report["summary"] = checkfmt.summary(report)
+    report["advice"] = checkfmt.advice(report, cfg.delivery.max_lifetime)
+    return report
+
+
+def _mx_dict(plan: DomainPlan) -> dict[str, Any]:
+    a = plan.mx_answer
+    if a is None:
+        records = [f"{h.preference} {h.name}" for h in plan.hosts] if plan.route else []
+        return {"queried": False, "security": None, "rcode": None, "records": records,
+                "implicit": False, "null_mx": False, "route": plan.route, "ede": [],
+                "reason": "", "chain": []}
+    d = answer_dict(a)
+    return {"queried": True, "security": a.security, "rcode": d["rcode"],
+            "records": d["records"], "implicit": plan.implicit_mx,
+            "null_mx": plan.code == codetable.NULL_MX, "route": plan.route, "ede": d["ede"],
+            "reason": a.reason, "chain": d["chain"]}
+
+
+def _host_dict(r: HostResult, connected: bool) -> dict[str, Any]:
+    h = r.host
+    lookups = [answer_dict(a) for a in h.lookups]
+    if not h.usable:
+        outcome = "unusable"
+    elif not connected:
+        outcome = "not-checked"
+    else:
+        ok = [a for a in r.addresses if a.outcome is None]
+        outcome = ok[0].security if ok else "failed"
+    return {
+        "name": h.name, "preference": h.preference, "port": h.port,
+        "addresses": [{"ip": a.ip, "secure": a.secure} for a in h.addresses],
+        "addresses_secure": h.addresses_secure, "dnssec": h.dnssec,
+        "canonical_name": h.canonical_name,
+        "address_lookups": [x for x in lookups if x["type"] != "TLSA"],
+        "tlsa_lookups": [x for x in lookups if x["type"] == "TLSA"],
+        "tlsa_bases": list(h.tlsa_bases), "tlsa_base": h.tlsa_base, "sni": h.sni,
+        "tlsa": checkfmt.tlsa_status(h.tlsa, h.usable_tlsa),
+        "reference_names": list(h.reference_names),
+        "requirement": str(h.requirement) if h.requirement else None,
+        "usable": h.usable, "code": h.unusable_code, "reason": h.reason,
+        "failure_type": h.failure_type, "outcome": outcome,
+        "connections": [_address_dict(a) for a in r.addresses],
+    }
+
+
+def _address_dict(a: AddressCheck) -> dict[str, Any]:
+    tls = None
+    if a.tls is not None:
+        tls = {"version": a.tls.version, "cipher": a.tls.cipher, "bits": a.tls.bits,
+               "sni": a.tls.server_hostname}
+    chain = a.chain
+    return {
+        "ip": a.ip, "port": a.port, "connected": a.connected, "greeting": a.greeting,
+        "ehlo": a.ehlo, "starttls_offered": a.starttls_offered, "tls": tls,
+        "chain": chain.certificates if chain else [],
+        "dane": chain.dane if chain else None,
+        "security": a.security, "code": a.outcome.code if a.outcome else None,
+        "reply": a.outcome.reply if a.outcome else None, "failure_type": a.failure_type,
+        "plain_retry": a.plain_retry, "quit_before_mail": a.quit_before_mail,
+        "steps": a.steps,
+    }
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def use_colour(stream: Any = None, environ: dict[str, str] | None = None) -> bool:
+    """ANSI colour only on a terminal, and never when NO_COLOR is set (no-color.org)."""
+    env = os.environ if environ is None else environ
+    stream = stream or sys.stdout
+    if env.get("NO_COLOR"):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = configmod.load(getattr(args, "config", None))
+    connect = not getattr(args, "no_connect", False)
+    report = asyncio.run(run_check(args.domain, cfg, connect=connect))
+    if getattr(args, "json", False):
+        print(json.dumps(report, indent=2))
+    else:
+        encoding = getattr(sys.stdout, "encoding", None) or ""
+        print(checkfmt.render(report, colour=use_colour(),
+                              unicode="utf" in encoding.lower()), end="")
+    return 0 if report["deliverable"] else 1

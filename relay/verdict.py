@@ -1,0 +1,165 @@
+"""Per-host decisions shared by delivery and `relay check`, so that both reach the same code.
+
+Pure: values in, values out (time is passed in). relay.delivery runs the real session
+and sends the mail; relay.check runs the same session up to the point where MAIL FROM
+would be sent, and quits. Both ask this module:
+
+    tls_step(requirement, offered, use_tls)   -> TlsStep     (STARTTLS, fail 4.7.321, skip)
+    starttls_min_version(requirement, floor)  -> "1.2"…     (lower for opportunistic TLS)
+    check_chain(host, chain, now, limits)     -> ChainCheck  (DANE verdict as the trace says)
+    session_failure(host, ip, exc, req)       -> (Outcome, RFC 8460 type)  (exception → value)
+    unusable_outcome(host) / plan_outcome(plan) / give_up(failures) -> Outcome
+    loops_back(ip, port, own_endpoints)       -> bool        (the MX is this relay)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from relay import classify, dane
+from relay import codes as codetable
+from relay.errors import SmtpClientError, TlsError
+from relay.model import Action, Outcome, Scope, TlsRequirement
+from relay.policy import DomainPlan, HostPlan, PlanAction
+
+STARTTLS_NOT_SUPPORTED = "starttls-not-supported"  # RFC 8460 result type
+
+
+class TlsStep(StrEnum):
+    STARTTLS = "starttls"  # send STARTTLS
+    MISSING = "missing"  # TLS is mandatory and STARTTLS is not offered: 4.7.321
+    SKIP = "skip"  # go on in cleartext (not offered and not required, or route tls = none)
+
+
+def mandatory(req: TlsRequirement) -> bool:
+    """TLS is mandatory for DANE (usable TLSA) and ENCRYPT (TLSA, none usable)."""
+    return req in (TlsRequirement.DANE, TlsRequirement.ENCRYPT)
+
+
+def tls_step(req: TlsRequirement, offered: bool, use_tls: bool = True) -> TlsStep:
+    """What to do after EHLO. `use_tls` False: the opportunistic retry in cleartext."""
+    if req is TlsRequirement.NONE or not use_tls or not (mandatory(req) or offered):
+        return TlsStep.SKIP
+    return TlsStep.STARTTLS if offered else TlsStep.MISSING
+
+
+def starttls_min_version(req: TlsRequirement, configured: str) -> str:
+    """`delivery.min_tls_version` where TLS is mandatory; anything for opportunistic TLS."""
+    return configured if mandatory(req) else "1.0"
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    """What the presented chain means for this host.
+
+    `security`: "dane-authenticated" or "tls" when `ok`, "failed" otherwise. `dane_text`
+    is the trace's DANE column; `reason` the matcher's own words; `result` the
+    relay.dane verdict when DANE was required."""
+
+    ok: bool
+    security: str
+    dane_text: str
+    code: str | None = None
+    reason: str = ""
+    result: dane.Verdict | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The `[dane]` settings verify() needs."""
+
+    ee_check_expiry: bool = False
+    max_records: int = 20
+    max_chain: int = 10
+
+
+def check_chain(host: HostPlan, chain: Sequence[bytes], now: dt.datetime,
+                limits: Limits = Limits()) -> ChainCheck:
+    """The TLS session is up: is its chain good enough for this host's requirement?"""
+    if host.requirement is TlsRequirement.DANE:
+        v = dane.verify(host.usable_tlsa, list(chain), host.reference_names, now,
+                        ee_check_expiry=limits.ee_check_expiry,
+                        max_records=limits.max_records, max_chain=limits.max_chain)
+        if not v.ok:
+            return ChainCheck(False, "failed", f"failed: {v.reason}",
+                              v.code or codetable.TLSA_INVALID, v.reason, v)
+        return ChainCheck(True, "dane-authenticated", f"authenticated: {v.reason}", None,
+                          v.reason, v)
+    if host.requirement is TlsRequirement.ENCRYPT:
+        return ChainCheck(True, "tls", "no usable TLSA record: TLS without authentication")
+    return ChainCheck(True, "tls", "not required")
+
+
+def session_failure(host: HostPlan, ip: str, exc: SmtpClientError, req: TlsRequirement
+                    ) -> tuple[Outcome, str | None]:
+    """A session that ended with an exception (connect, greeting, EHLO, STARTTLS, TLS):
+    the outcome and, for TLS failures where TLS was mandatory, the RFC 8460 type."""
+    detail = f"{host.name} [{ip}]: {exc}"
+    if isinstance(exc, TlsError) or exc.phase in ("starttls", "tls"):
+        if mandatory(req):
+            return classify.starttls_not_supported(detail), STARTTLS_NOT_SUPPORTED
+        return classify.connection_failed(detail), None
+    if exc.code is not None and exc.reply is not None:
+        out = classify.from_reply(exc.phase, exc.code, None, exc.reply)
+        if out.action is Action.DELIVERED:
+            out = classify.connection_failed(detail)
+    elif exc.phase == "connect":
+        out = classify.connection_failed(detail)
+    else:
+        out = classify.connection_lost(detail)
+    return replace(out, scope=Scope.SITE), None
+
+
+def starttls_missing(host: HostPlan, ip: str) -> Outcome:
+    return classify.starttls_not_supported(f"{host.name} [{ip}] does not offer STARTTLS")
+
+
+def chain_failure(host: HostPlan, ip: str, check: ChainCheck) -> Outcome:
+    return classify.local(check.code or codetable.TLSA_INVALID,
+                          f"{host.name} [{ip}]: {check.reason}")
+
+
+def unusable_outcome(host: HostPlan) -> Outcome:
+    """A host the plan could not use (DNS failure, mandatory DANE unmet)."""
+    return classify.local(host.unusable_code or codetable.DNS_FAILED, host.reason)
+
+
+def plan_outcome(plan: DomainPlan) -> Outcome:
+    """The outcome of a plan that does not deliver (defer, or bounce at once)."""
+    outcome = classify.local(plan.code or codetable.DNS_FAILED, plan.reason)
+    if plan.action is PlanAction.BOUNCE and outcome.action is Action.DEFERRED:
+        outcome = classify.expire(outcome)
+    return outcome
+
+
+def give_up(failures: Sequence[Outcome]) -> Outcome:
+    """No host delivered: bounce when every host refused permanently (5xx), else defer
+    with the most specific failure (relay.classify.most_specific)."""
+    if not failures:
+        return classify.local(codetable.DNS_FAILED, "no usable MX host")
+    if all(f.action is Action.BOUNCED for f in failures):
+        return failures[0]
+    deferred = [f for f in failures if f.action is Action.DEFERRED]
+    best = classify.most_specific_outcome(deferred)
+    return best or classify.local(codetable.DNS_FAILED, "no usable MX host")
+
+
+def loops_back(ip: str, port: int, own: frozenset[tuple[str, int]]) -> bool:
+    """Would (ip, port) reach this relay's own listener? (`own`: DeliverySettings'
+    own_endpoints; ("*", port) stands for a wildcard listener: every loopback address.)"""
+    if (ip, port) in own:
+        return True
+    if ("*", port) not in own:
+        return False
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def loop_outcome(host: HostPlan, ip: str) -> Outcome:
+    return classify.local(codetable.LOOP, f"{host.name} [{ip}]:{host.port} is this relay")
