@@ -17,18 +17,18 @@ Policy and storage live in relay.listener.Intake; this class speaks the protocol
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto as sslproto
-import binascii
 import ipaddress
 import secrets
 import time
-from base64 import b64decode
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import MISSING, SMTP
+from aiosmtpd.smtp import SMTP
 
 from relay.intake.address import NEED_SMTPUTF8, Path, Refusal, parse_path
+from relay.intake.data import REPLIES as DATA_REPLIES
+from relay.intake.data import read_message
+from relay.intake.tlsauth import TlsAuthCommands
 from relay.log import event
 
 if TYPE_CHECKING:
@@ -37,19 +37,6 @@ if TYPE_CHECKING:
 MAX_COMMAND = 1000  # octets of a command line (RFC 5321 §4.5.3.1.4 says 512; be lenient)
 MAX_AUTH_COMMAND = 12288  # RFC 4954 §4
 MAX_ERRORS = 50  # refused commands per session before 421
-MAX_AUTH_FAILURES = 5  # smtplib alone tries PLAIN then LOGIN
-
-BARE = "bare"
-TOO_BIG = "size"
-TOO_LONG = "line"
-
-DATA_REPLIES = {
-    BARE: "550 5.5.2 Message refused: bare CR, bare LF or NUL in message data "
-          "(lines must end with CRLF)",
-    TOO_BIG: "552 5.3.4 Message size exceeds fixed maximum message size",
-    TOO_LONG: "500 5.5.2 Message line too long (see RFC 5321 section 4.5.3.1.6)",
-}
-
 
 @dataclass
 class Transaction:
@@ -72,20 +59,51 @@ def client_address(peer: Any) -> str:
     return str(mapped or addr)
 
 
-class IntakeSession(SMTP):
+class IntakeSession(TlsAuthCommands, SMTP):
     """The protocol object of one client connection (see the module docstring)."""
 
     _txn: Transaction | None = None
     _lost = False
 
     def __init__(self, intake: Intake, loop: asyncio.AbstractEventLoop) -> None:
+        # Not SMTP.__init__: it runs inspect.getmembers() over the handler and the
+        # protocol on every connection (a third of the CPU of a short session) to find
+        # hooks this class does not use. Set the attributes its remaining methods
+        # (connection_made/lost, push, challenge_auth, timeouts) read; a unit test
+        # checks this against aiosmtpd's own list.
         s = intake.settings
-        self.line_length_limit = s.max_line_length  # the StreamReader's limit
-        super().__init__(
-            intake, data_size_limit=s.max_message_size, enable_SMTPUTF8=True,
-            decode_data=False, hostname=s.hostname, ident="ESMTP dane-relay",
-            tls_context=intake.tls_context, timeout=s.command_timeout, loop=loop,
-        )
+        self.line_length_limit = s.max_line_length
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=s.max_line_length),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.__ident__ = "ESMTP dane-relay"
+        self.loop = loop
+        self.event_handler = intake
+        self.data_size_limit = s.max_message_size
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.hostname = s.hostname
+        self.tls_context = intake.tls_context
+        self.require_starttls = False
+        self._timeout_duration = s.command_timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = None
+        self._auth_required = False
+        self._auth_methods = {}
+        self._handle_hooks = {}
+        self._ehlo_hook_ver = None
+        self._smtp_methods = {}
+        self._enforce_call_limit = False
         self.intake = intake
         self.sid = secrets.token_hex(5)
         self.client_ip = ""
@@ -317,128 +335,6 @@ class IntakeSession(SMTP):
         for i, text in enumerate(lines):
             await self.push(f"250{'-' if i < len(lines) - 1 else ' '}{text}")
 
-    # --- STARTTLS and AUTH -------------------------------------------------------------
-
-    async def cmd_STARTTLS(self, arg: str) -> None:
-        if arg:
-            await self.reply("501 5.5.4 Syntax: STARTTLS", command="STARTTLS")
-            return
-        if self.tls_context is None:
-            await self.reply("502 5.5.1 Error: STARTTLS not available", command="STARTTLS")
-            return
-        if self._tls_protocol is not None:
-            await self.reply("503 5.5.1 Error: TLS already active", command="STARTTLS")
-            return
-        await self.push("220 2.0.0 Ready to start TLS")
-        waiter = self.loop.create_future()
-        self._tls_protocol = sslproto.SSLProtocol(
-            self.loop, self, self.tls_context, waiter, server_side=True)
-        self._original_transport = self.transport
-        assert self._original_transport is not None
-        self._original_transport.set_protocol(self._tls_protocol)
-        self.transport = self._tls_protocol._app_transport
-        self._tls_protocol.connection_made(self._original_transport)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            event("rejected", session=self.sid, client_ip=self.client_ip, command="STARTTLS",
-                  reply=f"TLS handshake failed: {type(exc).__name__}")
-            self._close_reason = "tls_failed"
-            self._original_transport.close()
-            self.connection_lost(exc)
-            if self._handler_coroutine is not None:
-                self._handler_coroutine.cancel()
-
-    async def cmd_AUTH(self, arg: str) -> None:
-        assert self.session is not None
-        if not self.intake.auth_enabled:
-            await self.reply("502 5.5.1 Error: AUTH not available", command="AUTH")
-            return
-        if not self.session.host_name or not self.session.extended_smtp:
-            await self.reply("503 5.5.1 Error: send EHLO first", command="AUTH")
-            return
-        if not self.tls_active:
-            await self.reply("538 5.7.11 Encryption required for requested authentication "
-                             "mechanism", command="AUTH")
-            return
-        if self.session.authenticated:
-            await self.reply("503 5.5.1 Error: already authenticated", command="AUTH")
-            return
-        if self._txn is not None:
-            await self.reply("503 5.5.1 Error: AUTH not permitted during a mail transaction",
-                             command="AUTH")
-            return
-        parts = arg.split(" ")
-        if not arg or len(parts) > 2:
-            await self.reply("501 5.5.4 Syntax: AUTH mechanism [initial-response]",
-                             command="AUTH")
-            return
-        mech = parts[0].upper()
-        initial = parts[1] if len(parts) == 2 else None
-        if mech not in ("PLAIN", "LOGIN"):
-            await self.reply("504 5.5.4 Unrecognized authentication type", command="AUTH")
-            return
-        creds = await self._credentials(mech, initial)
-        if creds is None:
-            self._errors += 1
-            return
-        user, password = creds
-        ok = await self.intake.authenticate(user, password)
-        event("auth", session=self.sid, client_ip=self.client_ip, user=user[:64],
-              mechanism=mech, success=ok)
-        if ok:
-            self.session.authenticated = True
-            self.auth_user = user
-            await self.push("235 2.7.0 Authentication successful")
-            return
-        self._auth_failures += 1
-        await self.reply("535 5.7.8 Authentication credentials invalid", command="AUTH")
-        if self._auth_failures >= MAX_AUTH_FAILURES:
-            self._abort(f"421 4.7.0 {self.hostname} Error: too many failed authentications",
-                        command="AUTH", reason="auth_failures")
-
-    async def _b64(self, initial: str | None, challenge: str) -> bytes | None:
-        if initial is None:
-            got = await self.challenge_auth(challenge)
-            return None if got is MISSING else got  # type: ignore[return-value]
-        if initial == "=":
-            return b""
-        try:
-            return b64decode(initial, validate=True)
-        except (binascii.Error, ValueError):
-            await self.reply("501 5.5.2 Error: cannot decode base64", command="AUTH")
-            return None
-
-    async def _credentials(self, mech: str, initial: str | None) -> tuple[str, bytes] | None:
-        """(user, password) from the client, or None after a reply was sent."""
-        if mech == "PLAIN":
-            blob = await self._b64(initial, "")
-            if blob is None:
-                return None
-            fields = blob.split(b"\x00")
-            if len(fields) != 3:
-                await self.reply("501 5.5.2 Error: malformed PLAIN response", command="AUTH")
-                return None
-            authz, login, password = fields
-            if authz and authz != login:  # no proxy authorization
-                login = b"\x00"  # matches no user: a plain failure
-        else:
-            got = await self._b64(initial, "Username:")
-            if got is None:
-                return None
-            login = got
-            pw = await self._b64(None, "Password:")
-            if pw is None:
-                return None
-            password = pw
-        try:
-            user = login.decode("utf-8")
-        except UnicodeDecodeError:
-            user = "\x00"
-        return user, password
-
     # --- the mail transaction ----------------------------------------------------------
 
     async def _path(self, verb: str, arg: str, keyword: str, role: str) -> Path | None:
@@ -539,7 +435,9 @@ class IntakeSession(SMTP):
         self._reset_timeout(self.intake.settings.data_timeout)
         self.in_data = True
         try:
-            problem, body = await self.read_data()
+            problem, body = await read_message(
+                self._reader, max_size=self.intake.settings.max_message_size,
+                max_line=self.intake.settings.max_line_length)
         finally:
             self.in_data = False
         self._txn = None
@@ -553,42 +451,3 @@ class IntakeSession(SMTP):
             await self.push(status)
         else:
             await self.reply(status, command="DATA", **fields)
-
-    async def read_data(self) -> tuple[str | None, bytes]:
-        """Read message data up to CRLF.CRLF from the raw stream.
-
-        Returns (problem, body): problem is None, BARE, TOO_BIG or TOO_LONG (the first
-        seen); the body is dot-unstuffed with CRLF line ends (empty after a problem).
-        Reading always continues to the real end of data, so nothing the client sent
-        inside the message is ever taken for a command.
-        """
-        limit = self.intake.settings.max_message_size
-        parts: list[bytes] = []
-        size = 0
-        problem: str | None = None
-        line_start = True
-        reader = self._reader
-        while True:
-            try:
-                chunk = await reader.readuntil(b"\r\n")
-                complete = True
-            except asyncio.LimitOverrunError as exc:
-                chunk = await reader.readexactly(exc.consumed)
-                complete = False
-                problem = problem or TOO_LONG
-            if line_start and chunk == b".\r\n":
-                break
-            inner = chunk[:-2] if complete else chunk[:-1]
-            if b"\n" in chunk[:-1] or b"\r" in inner or b"\x00" in chunk:
-                problem = problem or BARE
-            if problem is None:
-                if line_start and chunk[:1] == b".":
-                    chunk = chunk[1:]
-                size += len(chunk)
-                if size > limit:
-                    problem = TOO_BIG
-                    parts.clear()
-                else:
-                    parts.append(chunk)
-            line_start = complete
-        return problem, (b"".join(parts) if problem is None else b"")

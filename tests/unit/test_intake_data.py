@@ -1,0 +1,75 @@
+"""relay.intake.data: end of data, smuggling, size and line limits, fast = slow path."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from aiosmtpd.smtp import SMTP
+
+from relay.intake import data
+from relay.intake.data import BARE, TOO_BIG, TOO_LONG, read_message
+
+
+async def read(raw: bytes, *, max_size: int = 10_000, max_line: int = 1000,
+               fast: bool = True) -> tuple[str | None, bytes, bytes]:
+    """(problem, body, what is left in the stream after the end of data)."""
+    reader = asyncio.StreamReader(limit=max_line)
+    reader.feed_data(raw)
+    reader.feed_eof()
+    if not fast:
+        problem, body = await data._line_by_line(reader, max_size, [], 0, None)
+    else:
+        problem, body = await read_message(reader, max_size=max_size, max_line=max_line)
+    return problem, body, await reader.read()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_end_of_data_and_unstuffing(fast: bool) -> None:
+    assert await read(b".\r\nQUIT\r\n", fast=fast) == (None, b"", b"QUIT\r\n")
+    got = await read(b"a\r\n..b\r\n.c\r\n\r\n.\r\nNEXT\r\n", fast=fast)
+    assert got == (None, b"a\r\n.b\r\nc\r\n\r\n", b"NEXT\r\n")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("fake", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n",
+                                  b"\r\n.\r", b"\r\n\x00.\r\n", b"\r\n.\x00\r\n"])
+async def test_fake_ends_are_data_and_refuse_the_message(fake: bytes, fast: bool) -> None:
+    raw = b"x" + fake + b"MAIL FROM:<e@evil.test>\r\nDATA\r\nz\r\n.\r\nQUIT\r\n"
+    assert await read(raw, fast=fast) == (BARE, b"", b"QUIT\r\n")
+
+
+async def test_limits() -> None:
+    assert (await read(b"a" * 20 + b"\r\n" + b"b\r\n.\r\n", max_line=10))[:2] == (TOO_LONG, b"")
+    assert (await read(b"a\r\n" + b"b" * 20 + b"\r\n.\r\n", max_line=10))[:2] == (TOO_LONG, b"")
+    body = b"y" * 98 + b"\r\n"
+    assert (await read(body * 100 + b".\r\n", max_size=10_000))[0] is None  # exactly 10000
+    got = await read(body * 101 + b".\r\nRSET\r\n", max_size=10_000)
+    assert got == (TOO_BIG, b"", b"RSET\r\n")
+    # far over the limit: the slow path takes over, keeps nothing, still finds the end
+    got = await read(body * 2000 + b"\r\n.\r\nRSET\r\n", max_size=10_000)
+    assert got == (TOO_BIG, b"", b"RSET\r\n")
+
+
+async def test_fast_and_slow_paths_agree_on_random_input() -> None:
+    rng = random.Random(7)
+    alphabet = [b"a", b".", b"\r\n", b"\r", b"\n", b"\x00", b"\r\n.", b"x" * 30]
+    for _ in range(3000):
+        raw = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        raw += b"\r\n.\r\nTAIL"
+        fast = await read(raw, max_size=200, max_line=60)
+        slow = await read(raw, max_size=200, max_line=60, fast=False)
+        assert fast == slow, raw
+
+
+async def test_session_sets_every_attribute_aiosmtpd_sets() -> None:
+    """IntakeSession skips SMTP.__init__; it must still set what SMTP.__init__ sets."""
+    from relay.intake.session import IntakeSession
+    from relay.listener import Intake, IntakeSettings
+
+    loop = asyncio.get_running_loop()
+    reference = SMTP(object(), loop=loop)
+    ours = IntakeSession(Intake(IntakeSettings(hostname="relay.test"), sink=None), loop)  # type: ignore[arg-type]
+    missing = set(vars(reference)) - set(vars(ours))
+    assert missing == set(), missing
