@@ -12,7 +12,9 @@ first host that completes a transaction decides every recipient (per-recipient r
 classified by relay.classify). When no host is left the recipients are deferred with the
 code of the most specific failure (or bounced when every host refused with 5xx).
 
-Exceptions from the network are translated into outcomes here, in one place.
+Exceptions from the network are translated into outcomes here, in one place. The
+per-host decisions (STARTTLS or not, what the chain means, exception → outcome, which
+failure wins) are relay.verdict's, shared with `relay check` so both reach the same code.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from relay import classify, dane
+from relay import classify
 from relay import codes as codetable
+from relay import verdict as hostverdict
 from relay.config import Config
 from relay.destination import plan_destination
 from relay.errors import SmtpClientError, TlsError
-from relay.model import Action, Outcome, Scope, TlsRequirement
+from relay.model import Outcome, TlsRequirement
 from relay.policy import DomainPlan, HostPlan, PlanAction, shuffle_equal_preference
 from relay.resolve import Resolver
 from relay.smtp.client import SmtpSession, Timeouts, TlsInfo
@@ -147,6 +150,11 @@ class Deliverer:
         self.rng = rng or random.Random()
         self.clock = clock
 
+    @property
+    def limits(self) -> hostverdict.Limits:
+        s = self.settings
+        return hostverdict.Limits(s.ee_check_expiry, s.max_tlsa_records, s.max_chain)
+
     async def deliver(self, domain: str, sender: str, recipients: Sequence[str], body: bytes,
                       *, smtputf8: bool = False, size: int | None = None) -> AttemptReport:
         plan = await plan_destination(domain, self.resolver, self.config)
@@ -162,11 +170,9 @@ class Deliverer:
                 code = host.unusable_code or codetable.DNS_FAILED
                 walk.traces.append(_trace(host, "", code=code, reply=host.reason,
                                           security="failed", failure_type=host.failure_type))
-                walk.failures.append(classify.local(code, host.reason))
+                walk.failures.append(hostverdict.unusable_outcome(host))
         if plan.action is not PlanAction.DELIVER:
-            outcome = classify.local(plan.code or codetable.DNS_FAILED, plan.reason)
-            if plan.action is PlanAction.BOUNCE and outcome.action is Action.DEFERRED:
-                outcome = classify.expire(outcome)
+            outcome = hostverdict.plan_outcome(plan)
             return AttemptReport({r: outcome for r in recipients}, tuple(walk.traces), plan)
 
         for host in shuffle_equal_preference(plan.usable_hosts, self.rng):
@@ -190,16 +196,9 @@ class Deliverer:
 
     def _give_up(self, plan: DomainPlan, recipients: Sequence[str],
                  walk: _Walk) -> AttemptReport:
-        if not walk.failures:
-            outcome = classify.local(codetable.DNS_FAILED, "no usable MX host")
-        elif all(f.action is Action.BOUNCED for f in walk.failures):
-            # Every host refused permanently (5xx greeting/EHLO/MAIL): bounce.
-            outcome = walk.failures[0]
-        else:
-            deferred = [f for f in walk.failures if f.action is Action.DEFERRED]
-            best = classify.most_specific_outcome(deferred)
-            outcome = best or classify.local(codetable.DNS_FAILED, "no usable MX host")
-        return self._all(plan, recipients, outcome, walk)
+        # Bounce when every host refused permanently (5xx greeting/EHLO/MAIL), else defer
+        # with the most specific failure.
+        return self._all(plan, recipients, hostverdict.give_up(walk.failures), walk)
 
     # --- one address -----------------------------------------------------------------
 
@@ -208,8 +207,8 @@ class Deliverer:
                    ) -> _HostFailure | tuple[dict[str, Outcome], HostAttempt]:
         s = self.settings
         port = host.port
-        if (ip, port) in s.own_endpoints or (("*", port) in s.own_endpoints and _is_local(ip)):
-            out = classify.local(codetable.LOOP, f"{host.name} [{ip}]:{port} is this relay")
+        if hostverdict.loops_back(ip, port, s.own_endpoints):
+            out = hostverdict.loop_outcome(host, ip)
             return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
                                             security="failed"))
         req = host.requirement or TlsRequirement.MAY
@@ -247,42 +246,30 @@ class Deliverer:
         await sess.ehlo()
         tls: TlsInfo | None = None
         dane_text, security = "not required", "plain"
-        mandatory = req in (TlsRequirement.DANE, TlsRequirement.ENCRYPT)
-        if req is not TlsRequirement.NONE and use_tls and (
-                mandatory or sess.extensions.starttls):
-            if not sess.extensions.starttls:
-                out = classify.starttls_not_supported(f"{host.name} [{ip}] does not offer "
-                                                      "STARTTLS")
-                return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
-                                                security="failed",
-                                                failure_type="starttls-not-supported"))
+        step = hostverdict.tls_step(req, sess.extensions.starttls, use_tls)
+        if step is hostverdict.TlsStep.MISSING:
+            out = hostverdict.starttls_missing(host, ip)
+            return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
+                                            security="failed",
+                                            failure_type=hostverdict.STARTTLS_NOT_SUPPORTED))
+        if step is hostverdict.TlsStep.STARTTLS:
             try:
-                tls = await sess.starttls(host.sni, min_version=s.min_tls_version
-                                          if mandatory else "1.0")
+                tls = await sess.starttls(host.sni, min_version=hostverdict.starttls_min_version(
+                    req, s.min_tls_version))
             except TlsError:
-                if mandatory or not sess.usable:
+                if hostverdict.mandatory(req) or not sess.usable:
                     raise
                 tls = None  # opportunistic: STARTTLS refused, the session goes on in clear
-            security = "tls" if tls else "plain"
-            if tls is None:
-                pass
-            elif req is TlsRequirement.DANE:
-                verdict = dane.verify(host.usable_tlsa, list(tls.chain), host.reference_names,
-                                      dt.datetime.now(dt.UTC), ee_check_expiry=s.ee_check_expiry,
-                                      max_records=s.max_tlsa_records, max_chain=s.max_chain)
-                dane_text = verdict.reason
-                if not verdict.ok:
-                    code = verdict.code or codetable.TLSA_INVALID
-                    out = classify.local(code, f"{host.name} [{ip}]: {verdict.reason}")
-                    return _HostFailure(out, _trace(
-                        host, ip, tls=_tls_text(tls), dane=f"failed: {verdict.reason}",
-                        code=code, reply=out.reply, security="failed",
-                        failure_type=codetable.tlsrpt_result_type(code), tls_info=tls))
-                dane_text = f"authenticated: {verdict.reason}"
-                security = "dane-authenticated"
-            elif req is TlsRequirement.ENCRYPT:
-                dane_text = "no usable TLSA record: TLS without authentication"
             if tls is not None:
+                judged = hostverdict.check_chain(host, tls.chain, dt.datetime.now(dt.UTC),
+                                                 self.limits)
+                if not judged.ok:
+                    out = hostverdict.chain_failure(host, ip, judged)
+                    return _HostFailure(out, _trace(
+                        host, ip, tls=_tls_text(tls), dane=judged.dane_text, code=out.code,
+                        reply=out.reply, security="failed",
+                        failure_type=codetable.tlsrpt_result_type(out.code), tls_info=tls))
+                dane_text, security = judged.dane_text, judged.security
                 await sess.ehlo()
         txn = await sess.send_mail(sender, recipients, body, smtputf8=smtputf8, size=size)
         trace = _trace(host, ip, tls=_tls_text(tls), dane=dane_text, security=security,
@@ -297,27 +284,9 @@ class Deliverer:
 
     def _failure(self, host: HostPlan, ip: str, exc: SmtpClientError,
                  req: TlsRequirement) -> _HostFailure:
-        detail = f"{host.name} [{ip}]: {exc}"
-        if isinstance(exc, TlsError) or exc.phase in ("starttls", "tls"):
-            if req in (TlsRequirement.DANE, TlsRequirement.ENCRYPT):
-                out = classify.starttls_not_supported(detail)
-                ftype = "starttls-not-supported"
-            else:
-                out = classify.connection_failed(detail)
-                ftype = None
-            return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
-                                            security="failed", failure_type=ftype))
-        if exc.code is not None and exc.reply is not None:
-            out = classify.from_reply(exc.phase, exc.code, None, exc.reply)
-            if out.action is Action.DELIVERED:
-                out = classify.connection_failed(detail)
-        elif exc.phase == "connect":
-            out = classify.connection_failed(detail)
-        else:
-            out = classify.connection_lost(detail)
-        out = replace(out, scope=Scope.SITE)
+        out, ftype = hostverdict.session_failure(host, ip, exc, req)
         return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
-                                        security="failed"))
+                                        security="failed", failure_type=ftype))
 
 
 def _outcome(phase: str, reply: Reply) -> Outcome:
@@ -335,10 +304,3 @@ def _recipient_outcome(txn: TransactionResult, recipient: str) -> Outcome:
     else:
         phase = "data"
     return _outcome(phase, reply)
-
-
-def _is_local(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return False
