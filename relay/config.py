@@ -16,7 +16,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from relay.errors import ConfigError
 from relay.model import DaneMode
@@ -274,6 +281,54 @@ class NdrConfig(_Section):
     """Name in Reporting-MTA and the NDR's From (default: listener.hostname)."""
 
 
+class TlsRptConfig(_Section):
+    """SMTP TLS reporting (RFC 8460): aggregate reports of our TLS sessions, per policy
+    domain (the TLSA base domain for DANE hosts, else the recipient domain), to the
+    addresses a domain publishes in its `_smtp._tls` TXT record."""
+
+    enabled: bool = False
+    """Record every TLS session's result and send the reports."""
+    submitter: str | None = None
+    """Our domain in reports: file name, Subject, TLS-Report-Submitter (default:
+    listener.hostname)."""
+    organization_name: str | None = None
+    """organization-name in reports (default: the submitter)."""
+    contact_info: str | None = None
+    """contact-info in reports (default: postmaster@<submitter>)."""
+    from_address: str | None = None
+    """From: of report mail (default: tlsrpt-noreply@<submitter>); the envelope sender is
+    null, so a report that cannot be delivered never causes another message."""
+    interval: Duration = 86400.0
+    """Length of a reporting period; periods are aligned to the UTC epoch, so "24h" is
+    one UTC day (RFC 8460 §4.1)."""
+    max_delay: Duration = 3600.0
+    """Reports go out at a random time up to this long after their period ends."""
+    retry_interval: Duration = 300.0
+    """First wait before an HTTPS report or a failed discovery is tried again; the wait
+    doubles each time, up to one hour."""
+    retry_lifetime: Duration = 86400.0
+    """A report not delivered this long after it was first due is given up
+    (RFC 8460 §5.5: up to 24 hours)."""
+    https_timeout: Duration = 30.0
+    """Time allowed for one HTTPS POST of a report."""
+    https_ca_file: Path | None = None
+    """PEM file of the CAs that HTTPS report endpoints are verified against (PKIX, with
+    the host name); default: the system's trust store."""
+    dkim_key_file: Path | None = None
+    """PEM RSA private key to DKIM-sign report mail (RFC 8460 §3 requires a signature;
+    publish the public key with "s=tlsrpt" or "s=*")."""
+    dkim_selector: str | None = None
+    """DKIM selector of dkim_key_file; required with it."""
+    dkim_domain: str | None = None
+    """DKIM signing domain (default: the submitter)."""
+
+    @model_validator(mode="after")
+    def _dkim_pair(self) -> TlsRptConfig:
+        if (self.dkim_key_file is None) != (self.dkim_selector is None):
+            raise ValueError("dkim_key_file and dkim_selector go together")
+        return self
+
+
 class MetricsConfig(_Section):
     """The Prometheus endpoint."""
 
@@ -297,6 +352,7 @@ class Config(_Section):
     dane: DaneConfig = DaneConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     ndr: NdrConfig = NdrConfig()
+    tlsrpt: TlsRptConfig = TlsRptConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     domains: dict[str, DomainPolicy] = {}
@@ -408,7 +464,8 @@ def dump_value(name: str, value: Any) -> Any:
 
 def _duration_fields() -> set[str]:
     names: set[str] = set()
-    for section in (ListenerConfig, QueueConfig, DnsConfig, DeliveryConfig, NdrConfig):
+    for section in (ListenerConfig, QueueConfig, DnsConfig, DeliveryConfig, NdrConfig,
+                    TlsRptConfig):
         for name, f in section.model_fields.items():
             if "parse_duration" in repr(f.annotation) or any(
                 getattr(m, "func", None) is parse_duration for m in f.metadata

@@ -119,6 +119,8 @@ def _convert(rdtype: int, rdata: dns.rdata.Rdata) -> object:
         return MxRecord(rdata.preference, name_text(rdata.exchange))  # type: ignore[attr-defined]
     if rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
         return rdata.address  # type: ignore[attr-defined]
+    if rdtype == dns.rdatatype.TXT:  # its strings joined without spaces (RFC 8460 §3)
+        return b"".join(rdata.strings).decode("utf-8", "replace")  # type: ignore[attr-defined]
     return rdata.to_text()
 
 

@@ -31,6 +31,7 @@ class Job:
     recipients: tuple[tuple[int, str, int], ...]  # (recipient_id, address, attempts so far)
     smtputf8: bool
     size: int
+    kind: str = ""  # the message's extra["kind"]: "ndr", "tlsrpt", ... ("" for client mail)
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def build_jobs(rows: Sequence[Any], msgs: Sequence[Any], max_recipients: int | N
     """Jobs from claimed rows, in fair order: never-tried and deferred groups in turn.
 
     rows: (recipient id, message id, domain, address, attempts, status, next_attempt_at);
-    msgs: (id, sender, received_at, smtputf8, size).
+    msgs: (id, sender, received_at, smtputf8, size[, kind]).
     """
     meta = {m[0]: m for m in msgs}
     groups: dict[tuple[str, str], list[Any]] = {}
@@ -237,5 +238,6 @@ def build_jobs(rows: Sequence[Any], msgs: Sequence[Any], max_recipients: int | N
         step = max_recipients or len(rcpts)
         for i in range(0, len(rcpts), step):
             jobs.append(Job(message_id=mid, sender=m[1], domain=domain, received_at=m[2],
-                            recipients=rcpts[i:i + step], smtputf8=bool(m[3]), size=m[4]))
+                            recipients=rcpts[i:i + step], smtputf8=bool(m[3]), size=m[4],
+                            kind=str(m[5] or "") if len(m) > 5 else ""))
     return jobs

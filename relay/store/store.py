@@ -34,6 +34,7 @@ from relay.store.records import (
     build_jobs,
 )
 from relay.store.sqlfiles import Q
+from relay.store.tlsrpt import TlsRptStore
 from relay.store.writer import Writer
 
 T = TypeVar("T")
@@ -47,7 +48,7 @@ def header_section(body: bytes) -> bytes:
     return head[:HEADERS_MAX]
 
 
-class Store:
+class Store(TlsRptStore):
     """Open with `await Store.open(path)`; close with `await store.close()`."""
 
     def __init__(self, path: Path, writer: Writer, reader: aiosqlite.Connection) -> None:

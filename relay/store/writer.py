@@ -85,10 +85,15 @@ class Writer:
 
     async def run(self, fn: Operation) -> Any:
         """Run `fn(conn)` inside the writer's next transaction; its value after COMMIT."""
+        return await self.submit(fn)
+
+    def submit(self, fn: Operation) -> asyncio.Future[Any]:
+        """Queue `fn(conn)` at once (not awaiting it): it shares the next group commit with
+        whatever is submitted right after it; the future resolves after that COMMIT."""
         self._check_open()
         fut = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Op(fn, fut))
-        return await fut
+        return fut
 
     def _check_open(self) -> None:
         if self._closing:

@@ -52,8 +52,8 @@ WHERE id IN (
 RETURNING id, message_id, domain, address, attempts, status, next_attempt_at;
 
 -- name: job_messages
-SELECT id, sender, received_at, smtputf8, size FROM messages
-WHERE id IN (SELECT value FROM json_each(:ids));
+SELECT id, sender, received_at, smtputf8, size, coalesce(json_extract(extra, '$.kind'), '')
+FROM messages WHERE id IN (SELECT value FROM json_each(:ids));
 
 -- name: unlease
 UPDATE recipients SET lease_owner = NULL, leased_until = NULL
@@ -192,3 +192,103 @@ SELECT count(*) FROM messages WHERE finished_at IS NOT NULL;
 -- name: stats_top_deferred
 SELECT domain, count(*) AS n FROM recipients WHERE status = 'deferred'
 GROUP BY domain ORDER BY n DESC, domain LIMIT :limit;
+
+-- --- TLS reporting (RFC 8460) -------------------------------------------------------
+
+-- name: tlsrpt_open_period
+-- The period a result recorded now belongs to (a late one goes into the newest).
+SELECT id FROM tlsrpt_periods WHERE closed_at IS NULL AND end_at > :now
+ORDER BY end_at DESC LIMIT 1;
+
+-- name: tlsrpt_last_end
+SELECT max(end_at) FROM tlsrpt_periods;
+
+-- name: tlsrpt_insert_period
+INSERT INTO tlsrpt_periods (begin_at, end_at) VALUES (:begin, :end) RETURNING id;
+
+-- name: tlsrpt_add_result
+INSERT INTO tlsrpt_results (period_id, policy_domain, policy_type, policy_strings, mx_host,
+                            result_type, sending_ip, receiving_ip, detail, count)
+VALUES (:period_id, :policy_domain, :policy_type, :policy_strings, :mx_host, :result_type,
+        :sending_ip, :receiving_ip, :detail, :count)
+ON CONFLICT (period_id, policy_domain, policy_type, policy_strings, mx_host, result_type,
+             sending_ip, receiving_ip)
+DO UPDATE SET count = count + excluded.count;
+
+-- name: tlsrpt_periods_to_close
+-- Open periods that have ended by :now, or (:cut = 1) every open period that has begun.
+SELECT id, begin_at, end_at FROM tlsrpt_periods
+WHERE closed_at IS NULL AND (end_at <= :now OR (:cut = 1 AND begin_at <= :now))
+ORDER BY begin_at;
+
+-- name: tlsrpt_period_domains
+SELECT DISTINCT policy_domain FROM tlsrpt_results WHERE period_id = :id ORDER BY 1;
+
+-- name: tlsrpt_close_period
+UPDATE tlsrpt_periods SET closed_at = :now, end_at = :end_at
+WHERE id = :id AND closed_at IS NULL;
+
+-- name: tlsrpt_insert_report
+INSERT OR IGNORE INTO tlsrpt_reports (period_id, policy_domain, begin_at, end_at, due_at,
+                                      next_attempt_at, updated_at)
+VALUES (:period_id, :policy_domain, :begin_at, :end_at, :due_at, :due_at, :now);
+
+-- name: tlsrpt_claim_reports
+UPDATE tlsrpt_reports SET lease_owner = :owner, leased_until = :until
+WHERE id IN (
+    SELECT id FROM tlsrpt_reports
+    WHERE state = 'pending' AND next_attempt_at <= :now
+      AND (leased_until IS NULL OR leased_until <= :now)
+      AND (:period_id IS NULL OR period_id = :period_id)
+    ORDER BY next_attempt_at, id LIMIT :limit)
+RETURNING id, period_id, policy_domain, begin_at, end_at, due_at, attempts;
+
+-- name: tlsrpt_report_results
+SELECT policy_domain, policy_type, policy_strings, mx_host, result_type, sending_ip,
+       receiving_ip, detail, count
+FROM tlsrpt_results WHERE period_id = :period_id AND policy_domain = :policy_domain;
+
+-- name: tlsrpt_report_sends
+SELECT uri, state, detail FROM tlsrpt_sends WHERE report_id = :id ORDER BY uri;
+
+-- name: tlsrpt_set_send
+INSERT INTO tlsrpt_sends (report_id, uri, state, detail, at)
+VALUES (:report_id, :uri, :state, :detail, :at)
+ON CONFLICT (report_id, uri) DO UPDATE SET state = excluded.state, detail = excluded.detail,
+                                         at = excluded.at;
+
+-- name: tlsrpt_update_report
+UPDATE tlsrpt_reports SET state = :state, attempts = :attempts,
+       next_attempt_at = :next_attempt_at, report_id = :report_id, detail = :detail,
+       lease_owner = NULL, leased_until = NULL, updated_at = :now
+WHERE id = :id;
+
+-- name: tlsrpt_next_report
+SELECT min(next_attempt_at) FROM tlsrpt_reports WHERE state = 'pending';
+
+-- name: tlsrpt_next_period_end
+SELECT min(end_at) FROM tlsrpt_periods WHERE closed_at IS NULL;
+
+-- name: tlsrpt_open_results
+SELECT p.id, p.begin_at, p.end_at, r.policy_domain, r.policy_type, r.policy_strings,
+       r.mx_host, r.result_type, r.sending_ip, r.receiving_ip, r.detail, r.count
+FROM tlsrpt_periods p JOIN tlsrpt_results r ON r.period_id = p.id
+WHERE p.closed_at IS NULL ORDER BY p.begin_at, r.policy_domain;
+
+-- name: tlsrpt_open_periods
+SELECT id, begin_at, end_at FROM tlsrpt_periods WHERE closed_at IS NULL ORDER BY begin_at;
+
+-- name: tlsrpt_list_reports
+SELECT r.id, r.policy_domain, r.begin_at, r.end_at, r.due_at, r.next_attempt_at, r.state,
+       r.attempts, r.report_id, r.detail,
+       (SELECT json_group_array(json_object('uri', s.uri, 'state', s.state,
+                                            'detail', s.detail))
+        FROM tlsrpt_sends s WHERE s.report_id = r.id)
+FROM tlsrpt_reports r ORDER BY r.id DESC LIMIT :limit;
+
+-- name: tlsrpt_purge
+-- Closed periods (with their results, reports and sends) whose reports are all done.
+DELETE FROM tlsrpt_periods
+WHERE closed_at IS NOT NULL AND closed_at < :before
+  AND NOT EXISTS (SELECT 1 FROM tlsrpt_reports r
+                  WHERE r.period_id = tlsrpt_periods.id AND r.state = 'pending');
