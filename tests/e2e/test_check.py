@@ -40,7 +40,7 @@ NOWHERE = "127.26.5.250"  # no server: hosts that must never be connected to
 
 NAMES = ["ee", "ta", "mismatch", "tamissing", "pkix", "pkixnotls", "unsigned", "cleartext",
          "notlsa", "notlsa3", "insaddr", "cname", "nomx", "quiet", "noconn", "two1", "two2",
-         "fallback"]
+         "fallback", "faketls", "tlsrefused", "mayrefused"]
 IP = {n: f"127.26.5.{i}" for i, n in enumerate(NAMES, start=1)}
 SERVER_NAME = {n: f"mx.{n}.test" for n in NAMES}
 SERVER_NAME.update({"insaddr": "mx.plainhost.test", "cname": "host.prov.test",
@@ -48,6 +48,11 @@ SERVER_NAME.update({"insaddr": "mx.plainhost.test", "cname": "host.prov.test",
                     "fallback": "mx2.fallback.test"})
 CERT = {n: make_leaf([SERVER_NAME[n]], issuer=INTER) for n in NAMES}
 STARTTLS = {n: n not in ("pkixnotls", "cleartext", "two1") for n in NAMES}
+REPLIES: dict[str, dict[str, Any]] = {
+    "faketls": {"starttls": "220 2.0.0 Ready"},  # says yes, then never starts TLS
+    "tlsrefused": {"starttls": (454, "4.7.0 TLS not available")},
+    "mayrefused": {"starttls": (454, "4.7.0 TLS not available")},
+}
 
 
 def tlsa311(cert: Issued) -> str:
@@ -88,6 +93,9 @@ def zones(bed: DnsBed, port: int) -> None:
     simple("pkixnotls", tlsa="1 1 1 " + "ab" * 32)
     simple("unsigned", tlsa=tlsa311(OTHER), signed=False)  # a TLSA nobody may trust
     simple("cleartext", signed=False)
+    simple("faketls", signed=False)
+    simple("mayrefused", signed=False)
+    simple("tlsrefused", tlsa=tlsa311(CERT["tlsrefused"]))
     simple("notlsa")
     simple("notlsa3", nsec3=True)
     simple("badtlsa", tlsa=tlsa311(OTHER)).break_rrsig(f"{tcp}.mx", "TLSA")
@@ -123,14 +131,14 @@ def write_config(path: Path, nameserver: str, port: int, **dns: Any) -> Path:
         f'[listener]\nhostname = "relay.test"\n\n'
         f'[dns]\nnameservers = ["{nameserver}"]\n{dns_lines}\n'
         f'[delivery]\nport = {port}\nconnect_timeout = "2s"\ngreeting_timeout = "5s"\n'
-        f'mail_timeout = "5s"\ntls_timeout = "5s"\n')
+        f'mail_timeout = "5s"\ntls_timeout = "2s"\n')
     return path
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     dests = {n: Destination(IP[n], tls=(CERT[n], [INTER]), starttls=STARTTLS[n],
-                            hostname=SERVER_NAME[n]) for n in NAMES}
+                            hostname=SERVER_NAME[n], replies=REPLIES.get(n)) for n in NAMES}
     port = start_group(list(dests.values()))
     work = tmp_path_factory.mktemp("check")
     bed = DnsBed(work / "dnsbed")
@@ -173,7 +181,7 @@ JSON_DOMAINS = ["ee.test", "ta.test", "mismatch.test", "tamissing.test", "pkix.t
                 "pkixnotls.test", "unsigned.test", "cleartext.test", "notlsa.test",
                 "notlsa3.test", "badtlsa.test", "badmx.test", "sftlsa.test", "insaddr.test",
                 "cname.test", "nullmx.test", "nosuch.ee.test", "nomx.test", "two.test",
-                "fallback.test"]
+                "fallback.test", "faketls.test", "tlsrefused.test", "mayrefused.test"]
 TEXT_DOMAINS = ["quiet.test", "mismatch.test", "tamissing.test", "badmx.test"]
 
 
@@ -316,6 +324,31 @@ def test_insecure_zone_is_opportunistic(runs: dict[str, Run], world: World) -> N
     p = runs["cleartext.test"]
     assert p.rc == 0 and p.data["verdict"] == "plain" and p.data["code"] is None
     assert only_conn(p.data)["starttls_offered"] is False
+
+
+def test_opportunistic_tls_failure_falls_back_to_cleartext(runs: dict[str, Run],
+                                                           world: World) -> None:
+    r = runs["faketls.test"]
+    c = only_conn(r.data)
+    assert r.rc == 0 and r.data["verdict"] == "plain" and c["plain_retry"] is True
+    assert c["tls"] is None and c["quit_before_mail"] is True
+    assert any("reconnect" in s["text"] for s in c["steps"])
+    verbs = [log.verbs() for log in world.dests["faketls"].wait_idle()]
+    assert ["STARTTLS"] in [[v for v in vs if v == "STARTTLS"] for vs in verbs]
+    assert any("STARTTLS" not in vs and vs[-1:] == ["QUIT"] for vs in verbs)
+
+
+def test_starttls_refused_where_tls_is_mandatory_is_4_7_321(runs: dict[str, Run]) -> None:
+    r = runs["tlsrefused.test"]
+    c = only_conn(r.data)
+    assert r.rc == 1 and (r.data["verdict"], r.data["code"]) == ("defer", "4.7.321")
+    assert c["starttls_offered"] is True and c["failure_type"] == "starttls-not-supported"
+    assert "454" in c["reply"]
+    # Where TLS is only opportunistic, the same refusal means cleartext on that session.
+    may = runs["mayrefused.test"]
+    c = only_conn(may.data)
+    assert may.rc == 0 and may.data["verdict"] == "plain" and c["plain_retry"] is False
+    assert any("goes on in cleartext" in s["text"] for s in c["steps"])
 
 
 @pytest.mark.parametrize("domain", ["notlsa.test", "notlsa3.test"])
@@ -519,7 +552,8 @@ def test_wall_time(runs: dict[str, Run]) -> None:
 PARITY = ["ee.test", "ta.test", "mismatch.test", "tamissing.test", "pkix.test",
           "pkixnotls.test", "unsigned.test", "cleartext.test", "notlsa.test", "badtlsa.test",
           "badmx.test", "sftlsa.test", "insaddr.test", "cname.test", "nullmx.test",
-          "nosuch.ee.test", "nomx.test", "two.test", "fallback.test"]
+          "nosuch.ee.test", "nomx.test", "two.test", "fallback.test", "faketls.test",
+          "tlsrefused.test", "mayrefused.test"]
 
 
 async def test_check_reaches_the_same_code_as_delivery(world: World) -> None:
@@ -529,7 +563,7 @@ async def test_check_reaches_the_same_code_as_delivery(world: World) -> None:
                  "dns": {"nameservers": [world.bed.nameserver], "timeout": "2s"},
                  "delivery": {"port": world.port, "connect_timeout": "2s",
                               "greeting_timeout": "5s", "mail_timeout": "5s",
-                              "tls_timeout": "5s"}}, source="test")
+                              "tls_timeout": "2s"}}, source="test")
     deliverer = Deliverer(Resolver.from_config(cfg.dns), cfg,
                           DeliverySettings.from_config(cfg, "relay.test"))
     rows = []
