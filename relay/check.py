@@ -362,6 +362,10 @@ def use_colour(stream: Any = None, environ: dict[str, str] | None = None) -> boo
 
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = configmod.load(getattr(args, "config", None))
+    if not args.domain.strip().rstrip("."):
+        print("relay: check: give a domain name, e.g. relay check example.org",
+              file=sys.stderr)
+        return 2
     connect = not getattr(args, "no_connect", False)
     report = asyncio.run(run_check(args.domain, cfg, connect=connect))
     if getattr(args, "json", False):
