@@ -126,10 +126,18 @@ def build_components(cfg: Config, store: Store, *, tls: ssl.SSLContext | None,
     listener = Listener(intake, lc.host, lc.port)
     components: list[Component] = [listener]
     resolver = Resolver.from_config(cfg.dns)
+    reporter = None
+    if cfg.tlsrpt.enabled:
+        from relay.tlsrpt_send import TlsReporter
+
+        reporter = TlsReporter(store, resolver, cfg, hostname=hostname)
     if cfg.delivery.enabled:
         settings = DeliverySettings.from_config(cfg, hostname)
         components.append(Scheduler(store, Deliverer(resolver, cfg, settings), cfg,
-                                    hostname=hostname, own_endpoints=lambda: listener.bound))
+                                    hostname=hostname, own_endpoints=lambda: listener.bound,
+                                    tlsrpt_record=reporter.record if reporter else None))
+    if reporter is not None:
+        components.append(reporter)
     components.append(ResolverProbe(resolver))
     if cfg.metrics.listen:
         components.append(MetricsComponent(cfg, store, listener, resolver))

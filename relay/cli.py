@@ -1,9 +1,9 @@
 """The `relay` command line: argument parsing only; each command lives in its module.
 
 `relay serve`, `relay config check`, `relay queue …`, `relay check DOMAIN`,
-`relay passwd`. Every subcommand takes `-c FILE` (also after its own arguments);
-`RELAY_CONFIG=FILE` names the file too. Errors are one clear line on stderr, exit 2
-for usage/config errors, 1 for "not found"/"not allowed" results.
+`relay tlsrpt show|send --now`, `relay passwd`. Every subcommand takes `-c FILE` (also
+after its own arguments); `RELAY_CONFIG=FILE` names the file too. Errors are one clear
+line on stderr, exit 2 for usage/config errors, 1 for "not found"/"not allowed" results.
 """
 
 from __future__ import annotations
@@ -74,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check listener, queue database and resolver (exit 0 = healthy)")
     hl.add_argument("--json", action="store_true")
 
+    tr = sub.add_parser("tlsrpt", help="SMTP TLS reporting (RFC 8460)")
+    tr_sub = tr.add_subparsers(dest="tlsrpt_command", required=True, metavar="SUBCOMMAND")
+    trs = tr_sub.add_parser("show", parents=[common],
+                            help="what has been recorded in the current period")
+    trs.add_argument("--json", action="store_true")
+    trn = tr_sub.add_parser("send", parents=[common],
+                            help="end the current period and send its reports now")
+    trn.add_argument("--now", action="store_true", required=True,
+                     help="end the period now and send without the random delay")
+    trn.add_argument("--json", action="store_true")
+
     pw = sub.add_parser("passwd", help="print a users-file line for listener.users_file")
     pw.add_argument("user")
     return ap
@@ -108,6 +119,10 @@ def _dispatch(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
         from relay.ops import cmd_health
 
         return cmd_health
+    if args.command == "tlsrpt":
+        from relay import tlsrptcmd
+
+        return getattr(tlsrptcmd, f"cmd_{args.tlsrpt_command}")
     if args.command == "passwd":
         from relay.auth import cmd_passwd
 

@@ -94,8 +94,10 @@ class HostAttempt:
     code: str = ""
     reply: str = ""
     security: str = ""  # dane-authenticated | tls | plain | failed (metrics, TLS-RPT)
-    failure_type: str | None = None  # RFC 8460 result type of a failure
+    failure_type: str | None = None  # RFC 8460 result type of a failure (also of a
+    # cleartext fall-back of opportunistic TLS: the mail went, the TLS session did not)
     tls_info: TlsInfo | None = None
+    local_ip: str = ""  # our end of the connection (TLS-RPT sending-mta-ip)
 
 
 @dataclass(frozen=True)
@@ -156,14 +158,19 @@ class Deliverer:
         return hostverdict.Limits(s.ee_check_expiry, s.max_tlsa_records, s.max_chain)
 
     async def deliver(self, domain: str, sender: str, recipients: Sequence[str], body: bytes,
-                      *, smtputf8: bool = False, size: int | None = None) -> AttemptReport:
+                      *, smtputf8: bool = False, size: int | None = None,
+                      relax_dane: bool = False) -> AttemptReport:
+        """`relax_dane`: for TLS report mail (RFC 8460 §3: reports are delivered despite
+        TLS failures of the receiving domain), see `relaxed_plan`."""
         plan = await plan_destination(domain, self.resolver, self.config)
         return await self.deliver_plan(plan, sender, recipients, body, smtputf8=smtputf8,
-                                       size=size)
+                                       size=size, relax_dane=relax_dane)
 
     async def deliver_plan(self, plan: DomainPlan, sender: str, recipients: Sequence[str],
                            body: bytes, *, smtputf8: bool = False,
-                           size: int | None = None) -> AttemptReport:
+                           size: int | None = None, relax_dane: bool = False) -> AttemptReport:
+        if relax_dane:
+            plan = relaxed_plan(plan)
         walk = _Walk()
         for host in plan.hosts:
             if not host.usable:
@@ -178,7 +185,7 @@ class Deliverer:
         for host in shuffle_equal_preference(plan.usable_hosts, self.rng):
             for addr in host.addresses[: self.settings.max_addresses]:
                 result = await self._try(host, addr.ip, sender, recipients, body,
-                                         smtputf8=smtputf8, size=size)
+                                         smtputf8=smtputf8, size=size, relax=relax_dane)
                 if isinstance(result, _HostFailure):
                     walk.traces.append(result.trace)
                     walk.failures.append(result.outcome)
@@ -203,7 +210,7 @@ class Deliverer:
     # --- one address -----------------------------------------------------------------
 
     async def _try(self, host: HostPlan, ip: str, sender: str, recipients: Sequence[str],
-                   body: bytes, *, smtputf8: bool, size: int | None,
+                   body: bytes, *, smtputf8: bool, size: int | None, relax: bool = False,
                    ) -> _HostFailure | tuple[dict[str, Outcome], HostAttempt]:
         s = self.settings
         port = host.port
@@ -222,16 +229,17 @@ class Deliverer:
             try:
                 result = await self._session(sess, host, ip, req, sender, recipients, body,
                                              smtputf8=smtputf8, size=size,
-                                             use_tls=not plain_retry)
+                                             use_tls=not plain_retry, relax=relax)
             except TlsError as exc:
                 sess.close()
-                if req is TlsRequirement.MAY and not plain_retry and exc.phase == "tls":
+                if (req is TlsRequirement.MAY or relax) and not plain_retry \
+                        and exc.phase == "tls":
                     plain_retry = True  # opportunistic: a failed handshake → cleartext
                     continue
-                return self._failure(host, ip, exc, req)
+                return self._failure(host, ip, exc, req, sess.local_ip)
             except SmtpClientError as exc:
                 sess.close()
-                return self._failure(host, ip, exc, req)
+                return self._failure(host, ip, exc, req, sess.local_ip)
             finally:
                 if not sess.closed:
                     await sess.quit()
@@ -241,39 +249,49 @@ class Deliverer:
     async def _session(self, sess: SmtpSession, host: HostPlan, ip: str,
                        req: TlsRequirement, sender: str, recipients: Sequence[str],
                        body: bytes, *, smtputf8: bool, size: int | None, use_tls: bool,
+                       relax: bool = False,
                        ) -> _HostFailure | tuple[dict[str, Outcome], HostAttempt]:
         s = self.settings
+        local = sess.local_ip
         await sess.ehlo()
         tls: TlsInfo | None = None
         dane_text, security = "not required", "plain"
         step = hostverdict.tls_step(req, sess.extensions.starttls, use_tls)
+        if step is hostverdict.TlsStep.MISSING and relax:
+            step, dane_text = hostverdict.TlsStep.SKIP, f"STARTTLS missing, {_RELAXED}"
         if step is hostverdict.TlsStep.MISSING:
             out = hostverdict.starttls_missing(host, ip)
             return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
-                                            security="failed",
+                                            security="failed", local_ip=local,
                                             failure_type=hostverdict.STARTTLS_NOT_SUPPORTED))
         if step is hostverdict.TlsStep.STARTTLS:
             try:
                 tls = await sess.starttls(host.sni, min_version=hostverdict.starttls_min_version(
                     req, s.min_tls_version))
             except TlsError:
-                if hostverdict.mandatory(req) or not sess.usable:
+                if (hostverdict.mandatory(req) and not relax) or not sess.usable:
                     raise
                 tls = None  # opportunistic: STARTTLS refused, the session goes on in clear
             if tls is not None:
                 judged = hostverdict.check_chain(host, tls.chain, dt.datetime.now(dt.UTC),
                                                  self.limits)
+                if not judged.ok and relax:
+                    judged = replace(judged, ok=True, security="tls",
+                                     dane_text=f"{judged.dane_text} ({_RELAXED})")
                 if not judged.ok:
                     out = hostverdict.chain_failure(host, ip, judged)
                     return _HostFailure(out, _trace(
                         host, ip, tls=_tls_text(tls), dane=judged.dane_text, code=out.code,
-                        reply=out.reply, security="failed",
+                        reply=out.reply, security="failed", local_ip=local,
                         failure_type=codetable.tlsrpt_result_type(out.code), tls_info=tls))
                 dane_text, security = judged.dane_text, judged.security
                 await sess.ehlo()
         txn = await sess.send_mail(sender, recipients, body, smtputf8=smtputf8, size=size)
+        plain_type = None  # opportunistic TLS that ended in cleartext: a TLS-RPT failure
+        if tls is None and req is not TlsRequirement.NONE:
+            plain_type = "starttls-not-supported" if use_tls else "validation-failure"
         trace = _trace(host, ip, tls=_tls_text(tls), dane=dane_text, security=security,
-                       tls_info=tls)
+                       tls_info=tls, local_ip=local, failure_type=plain_type)
         if txn.refused is None and txn.mail is not None and txn.mail.transient:
             # A 4xx to MAIL FROM is about this host: try the next one.
             out = _outcome("mail", txn.mail)
@@ -283,10 +301,34 @@ class Deliverer:
         return outcomes, replace(trace, code=first.code, reply=first.reply)
 
     def _failure(self, host: HostPlan, ip: str, exc: SmtpClientError,
-                 req: TlsRequirement) -> _HostFailure:
+                 req: TlsRequirement, local_ip: str = "") -> _HostFailure:
         out, ftype = hostverdict.session_failure(host, ip, exc, req)
         return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
-                                        security="failed", failure_type=ftype))
+                                        security="failed", failure_type=ftype,
+                                        local_ip=local_ip))
+
+
+_RELAXED = "ignored for a TLS report"
+_RELAXABLE = ("dnssec-invalid", "dane-required")
+
+
+def relaxed_plan(plan: DomainPlan) -> DomainPlan:
+    """The plan for TLS report mail (RFC 8460 §3: reports are sent despite TLS failures;
+    they are what tells the domain about them). Hosts whose TLSA lookup failed DNSSEC
+    (or that `dane = "mandatory"` refused) are used with opportunistic TLS; at DANE and
+    TLS-mandatory hosts DANE is still tried first, but a mismatch, a failed handshake or
+    a missing STARTTLS no longer stops the session (TLS without authentication, else
+    cleartext). What cannot be trusted at all stays refused: a bogus or failed MX or
+    address lookup gives no host to connect to."""
+    hosts = tuple(
+        replace(h, requirement=TlsRequirement.MAY, unusable_code=None,
+                reason=f"{h.reason} ({_RELAXED})")
+        if not h.usable and h.addresses and h.failure_type in _RELAXABLE else h
+        for h in plan.hosts)
+    if plan.action is PlanAction.DEFER and plan.hosts and any(h.usable for h in hosts):
+        return replace(plan, action=PlanAction.DELIVER, code=None, hosts=hosts,
+                       reason=f"{plan.reason} ({_RELAXED})")
+    return replace(plan, hosts=hosts)
 
 
 def _outcome(phase: str, reply: Reply) -> Outcome:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from relay import classify, dsn, retry
+from relay import classify, dsn, retry, tlsrpt
 from relay.config import Config
 from relay.delivery import AttemptReport, Deliverer, own_endpoints
 from relay.errors import NotFound, StoreError
@@ -47,7 +47,9 @@ class Scheduler:
 
     def __init__(self, store: Store, deliverer: Deliverer, config: Config, *, hostname: str,
                  clock: Clock = time.time, owner: str | None = None,
-                 own_endpoints: Callable[[], list[tuple[str, int]]] | None = None) -> None:
+                 own_endpoints: Callable[[], list[tuple[str, int]]] | None = None,
+                 tlsrpt_record: Callable[[str, AttemptReport, float], None] | None = None,
+                 ) -> None:
         self.store = store
         self.deliverer = deliverer
         self.config = config
@@ -64,6 +66,7 @@ class Scheduler:
         self._ndr_locks: dict[str, asyncio.Lock] = {}
         self._last_purge = 0.0
         self._own_endpoints = own_endpoints
+        self.tlsrpt_record = tlsrpt_record  # TLS reporting's hook (relay.tlsrpt_send)
 
     # --- component ------------------------------------------------------------------
 
@@ -173,8 +176,12 @@ class Scheduler:
         body = await self.store.load_body(job.message_id)
         addresses = [addr for _, addr, _ in job.recipients]
         report = await self.deliverer.deliver(job.domain, job.sender, addresses, body,
-                                              smtputf8=job.smtputf8, size=job.size)
+                                              smtputf8=job.smtputf8, size=job.size,
+                                              relax_dane=job.kind == tlsrpt.KIND)
         finished = self.clock()
+        if self.tlsrpt_record is not None and job.kind != tlsrpt.KIND:
+            with contextlib.suppress(Exception):  # reporting never affects delivery
+                self.tlsrpt_record(job.domain, report, finished)  # shares the next commit
         self._log_hosts(job, report)
         result = self._result(job, report.outcomes, report, started, finished)
         await self.store.record([result], now=finished)

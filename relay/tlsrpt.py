@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from relay.model import TlsRequirement
-from relay.policy import DomainPlan, HostPlan
 
-if TYPE_CHECKING:  # type only: relay.delivery does I/O
+if TYPE_CHECKING:  # types only: relay.delivery does I/O, relay.policy pulls in the config
     from relay.delivery import HostAttempt
+    from relay.policy import DomainPlan, HostPlan
 
+KIND = "tlsrpt"  # Envelope.extra["kind"] of report mail: DANE relaxed, never counted
 POLICY_TLSA = "tlsa"
 NO_POLICY = "no-policy-found"
 RESULT_TYPES = frozenset({

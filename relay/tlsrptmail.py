@@ -93,7 +93,7 @@ def build_mail(*, report: dict[str, object], report_gz: bytes, policy_domain: st
         "Content-Type: text/plain; charset=\"us-ascii\"",
         "Content-Transfer-Encoding: 7bit",
         "",
-        *textwrap.wrap(text, 76),
+        *textwrap.wrap(text, 76, break_on_hyphens=False),
         "",
         f"--{boundary}",
         f"Content-Type: {rpt.MEDIA_TYPE_GZIP}",

@@ -169,6 +169,12 @@ class SmtpSession:
         return self._state.state
 
     @property
+    def local_ip(self) -> str:
+        """Our address on this connection ("" when unknown): TLS-RPT's sending-mta-ip."""
+        sockname = self._transport.get_extra_info("sockname")
+        return str(sockname[0]) if sockname else ""
+
+    @property
     def closed(self) -> bool:
         return self._state.state is State.CLOSED or self._stream.lost
 
