@@ -27,7 +27,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -167,8 +167,8 @@ class AddressProbe:
                 res.chain = checkfmt.chain_facts(host, tls.chain, judged, self.clock())
                 if not judged.ok:
                     res.step("fail", f"DANE: {judged.reason}")
-                    return res.fail(verdict.chain_failure(host, ip, judged),
-                                    codetable.tlsrpt_result_type(judged.code or ""))
+                    out = verdict.chain_failure(host, ip, judged)
+                    return res.fail(out, codetable.tlsrpt_result_type(out.code))
                 res.step("ok", f"DANE: {judged.dane_text}")
                 security = judged.security
                 await sess.ehlo()
@@ -350,7 +350,7 @@ def _address_dict(a: AddressCheck) -> dict[str, Any]:
 # --- the command ----------------------------------------------------------------------------
 
 
-def use_colour(stream: Any = None, environ: dict[str, str] | None = None) -> bool:
+def use_colour(stream: Any = None, environ: Mapping[str, str] | None = None) -> bool:
     """ANSI colour only on a terminal, and never when NO_COLOR is set (no-color.org)."""
     env = os.environ if environ is None else environ
     stream = stream or sys.stdout
