@@ -540,12 +540,6 @@ def test_config_error_exits_2(world: World) -> None:
     assert r.rc == 2 and "nope" in r.err
 
 
-def test_wall_time(runs: dict[str, Run]) -> None:
-    """A check that connects takes well under a second here (the dead resolver: its
-    timeout); the figure goes into the report."""
-    assert max(r.seconds for k, r in runs.items() if k != "dead" and k != "dead-text") < 10
-
-
 # --- the same verdict as delivery -------------------------------------------------------
 
 
