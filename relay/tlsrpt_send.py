@@ -262,8 +262,11 @@ class TlsReporter:
                 event("internal_error", level="error", component=self.name,
                       error=f"{type(exc).__name__}: {exc}")
                 nxt = None
-            wait = MAX_SLEEP if nxt is None else nxt - self.clock()
-            await asyncio.sleep(min(MAX_SLEEP, max(0.05, wait)))
+            # Another process (`relay tlsrpt send --now`) may change the reports: look
+            # again at least every quarter period (at most every minute).
+            longest = min(MAX_SLEEP, max(1.0, self.settings.interval / 4))
+            wait = longest if nxt is None else nxt - self.clock()
+            await asyncio.sleep(min(longest, max(0.05, wait)))
 
     def https_context(self) -> ssl.SSLContext:
         ca = self.settings.https_ca_file
