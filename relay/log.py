@@ -42,8 +42,6 @@ EVENTS: dict[str, str] = {
     # reporting
     "tlsrpt_sent": "a TLS report was sent (policy_domain, via)",
     "tlsrpt_failed": "a TLS report could not be sent (policy_domain, via, detail)",
-    "tlsrpt_skipped": "a policy domain gets no TLS report: no usable _smtp._tls record "
-                      "(policy_domain, reason)",
 }
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}

@@ -200,6 +200,9 @@ class TlsReporter:
         self._context: ssl.SSLContext | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Future[Any]] = set()
+        self._buffer: list[rpt.SessionResult] = []  # recorded, not yet taken by a write
+        self._buffer_at = 0.0
+        self._flush_queued = False
         self._last_purge = 0.0
         self._stopping = False
 
@@ -211,7 +214,12 @@ class TlsReporter:
             results = rpt.session_results(domain, report.plan, report.hosts)
             if not results:
                 return
-            fut = self.store.tlsrpt_add(results, now=now, interval=self.settings.interval)
+            self._buffer += results
+            self._buffer_at = max(self._buffer_at, now)
+            if self._flush_queued:
+                return  # the queued write (ahead of this job's record) takes these too
+            fut = self.store.tlsrpt_submit(self._take, interval=self.settings.interval)
+            self._flush_queued = True
         except Exception as exc:  # reporting must never affect delivery
             event("internal_error", level="error", component=self.name,
                   error=f"{type(exc).__name__}: {exc}")
@@ -219,8 +227,16 @@ class TlsReporter:
         self._pending.add(fut)
         fut.add_done_callback(self._recorded)
 
+    def _take(self) -> tuple[list[rpt.SessionResult], float]:
+        """Called by the store's write when it runs: everything buffered until then."""
+        taken, at = self._buffer, self._buffer_at
+        self._buffer, self._buffer_at, self._flush_queued = [], 0.0, False
+        return taken, at
+
     def _recorded(self, fut: asyncio.Future[Any]) -> None:
         self._pending.discard(fut)
+        if self._flush_queued and fut.done() and not self._pending:
+            self._flush_queued = False  # the write failed before taking the buffer
         if not fut.cancelled() and fut.exception() is not None:
             event("internal_error", level="error", component=self.name,
                   error=f"recording TLS results: {fut.exception()}")
@@ -347,7 +363,8 @@ class TlsReporter:
             why = found.reason or "nothing recorded"
             await self.store.tlsrpt_update(task.id, state="none", attempts=task.attempts + 1,
                                            next_attempt_at=now, rid="", detail=why, now=now)
-            event("tlsrpt_skipped", policy_domain=domain, reason=why)
+            # Most domains publish no record: not worth a line a day each at info level.
+            event("tlsrpt_failed", level="debug", policy_domain=domain, via="dns", detail=why)
             return SendResult(domain, "none", detail=why, successful=ok, failures=bad)
         s = self.settings
         rid = rpt.report_id(domain, task.begin, task.end, s.submitter)

@@ -64,15 +64,33 @@ class TlsRptStore:
                    interval: float) -> asyncio.Future[Any]:
         """Count `results` in the open period (opened here when there is none) — queued at
         once, committed with the next group commit; the future resolves after it."""
-        rows = [
-            {"policy_domain": r.policy_domain, "policy_type": r.policy_type,
-             "policy_strings": json.dumps(list(r.policy_strings)), "mx_host": r.mx_host,
-             "result_type": r.result_type, "sending_ip": r.sending_ip,
-             "receiving_ip": r.receiving_ip, "detail": r.detail, "count": r.count}
-            for r in results
-        ]
+        batch = (list(results), now)
+        return self.tlsrpt_submit(lambda: batch, interval=interval)
+
+    def tlsrpt_submit(self, take: Callable[[], tuple[Sequence[SessionResult], float]], *,
+                      interval: float) -> asyncio.Future[Any]:
+        """Like `tlsrpt_add`, but the results are taken (`take()` → results and their
+        time) when the write runs, so that everything recorded until then goes in one
+        upsert: many jobs' results share one operation of the group commit."""
 
         async def op(conn: aiosqlite.Connection) -> int:
+            results, now = take()
+            merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+            for r in results:
+                key = (r.policy_domain, r.policy_type, r.policy_strings, r.mx_host,
+                       r.result_type, r.sending_ip, r.receiving_ip)
+                row = merged.get(key)
+                if row is None:
+                    merged[key] = {
+                        "policy_domain": r.policy_domain, "policy_type": r.policy_type,
+                        "policy_strings": json.dumps(list(r.policy_strings)),
+                        "mx_host": r.mx_host, "result_type": r.result_type,
+                        "sending_ip": r.sending_ip, "receiving_ip": r.receiving_ip,
+                        "detail": r.detail, "count": r.count}
+                else:
+                    row["count"] += r.count
+            if not merged:
+                return 0
             row = await _one(conn, Q.tlsrpt_open_period, {"now": now})
             if row is not None:
                 pid = int(row[0])
@@ -81,6 +99,7 @@ class TlsRptStore:
                 begin, end = new_period(now, interval, last[0] if last else None)
                 pid = int((await _one(conn, Q.tlsrpt_insert_period,
                                       {"begin": begin, "end": end}))[0])
+            rows = list(merged.values())
             for r in rows:
                 r["period_id"] = pid
             await conn.executemany(Q.tlsrpt_add_result, rows)

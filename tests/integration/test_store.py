@@ -125,15 +125,17 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
     conn = await schema.connect(path, busy_timeout=1.0)
     try:
         assert await schema.migrate(conn, path) == []
-        extra = (*migrations(), Migration(2, "002_extra.sql", "CREATE TABLE extra (x);\n"))
-        assert await schema.migrate(conn, path, extra) == [2]
+        n = len(migrations()) + 1  # the next version after the shipped ones
+        extra = (*migrations(), Migration(n, f"{n:03d}_extra.sql", "CREATE TABLE extra (x);\n"))
+        assert await schema.migrate(conn, path, extra) == [n]
         assert await schema.migrate(conn, path, extra) == []
-        assert await schema.user_version(conn) == 2
+        assert await schema.user_version(conn) == n
         # a failing migration leaves nothing behind: not the table, not the version
-        bad = (*extra, Migration(3, "003_bad.sql", "CREATE TABLE y (x);\nSELECT * FROM nope;"))
+        bad = (*extra, Migration(n + 1, f"{n + 1:03d}_bad.sql",
+                                 "CREATE TABLE y (x);\nSELECT * FROM nope;"))
         with pytest.raises(sqlite3.OperationalError):
             await schema.migrate(conn, path, bad)
-        assert await schema.user_version(conn) == 2
+        assert await schema.user_version(conn) == n
     finally:
         await conn.close()
     assert rows(path, "SELECT name FROM sqlite_master WHERE name = 'y'") == []
