@@ -332,8 +332,9 @@ class IntakeSession(TlsAuthCommands, SMTP):
             lines.append("STARTTLS")
         if self.intake.auth_enabled and self.tls_active:
             lines.append("AUTH PLAIN LOGIN")
-        for i, text in enumerate(lines):
-            await self.push(f"250{'-' if i < len(lines) - 1 else ' '}{text}")
+        # One write for the whole multi-line reply (not one send() per line).
+        await self.push("\r\n".join(f"250{'-' if i < len(lines) - 1 else ' '}{text}"
+                                      for i, text in enumerate(lines)))
 
     # --- the mail transaction ----------------------------------------------------------
 
