@@ -126,7 +126,7 @@ def session_results(domain: str, plan: DomainPlan, hosts: Iterable[HostAttempt]
         out.append(SessionResult(
             policy_domain=pdomain, policy_type=ptype, policy_strings=strings,
             mx_host=_norm(h.mx), result_type=ftype or "",
-            sending_ip=(getattr(h, "local_ip", "") or "") if ftype else "",
+            sending_ip=h.local_ip if ftype else "",
             receiving_ip=h.ip if ftype else "",
             detail=_detail(h) if ftype else ""))
     return out
