@@ -36,6 +36,8 @@ from relay.scheduler import Scheduler
 from relay.store import Store
 
 DRAIN_TIMEOUT = 30.0  # seconds the first signal waits for open work before stopping
+STOP_TIMEOUT = 5.0  # seconds one component may take to stop after the drain
+EXIT_GRACE = 2.0  # seconds left-over tasks get to end after their cancellation
 
 
 class Component(Protocol):
@@ -107,13 +109,31 @@ class App:
             for task in watchers:
                 task.cancel()
             for component in reversed(started):
-                try:
-                    await component.stop()
-                except Exception as exc:
-                    event("internal_error", level="error", component=component.name,
-                          error=f"{type(exc).__name__}: {exc}")
+                if not await _stop_one(component):
                     code = code or 1
         return code
+
+
+async def _stop_one(component: Component) -> bool:
+    """`component.stop()`, bounded: a component that hangs (say, one that swallowed its
+    cancellation) is logged and left behind rather than keeping the relay up."""
+    task = asyncio.ensure_future(component.stop())
+    done, _ = await asyncio.wait({task}, timeout=STOP_TIMEOUT)
+    if not done:
+        # Cancelling stop() cancels what it awaits once more (asyncio.wait_for in 3.11
+        # can lose a cancellation that races with a result).
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=EXIT_GRACE)
+        event("internal_error", level="error", component=component.name,
+              error=f"stop() did not return within {STOP_TIMEOUT:g}s"
+                    + ("; it ended when cancelled" if done else ""))
+        return bool(done) and (task.cancelled() or task.exception() is None)
+    if task.cancelled() or task.exception() is None:
+        return True
+    exc = task.exception()
+    event("internal_error", level="error", component=component.name,
+          error=f"{type(exc).__name__}: {exc}")
+    return False
 
 
 def build_components(cfg: Config, store: Store, *, tls: ssl.SSLContext | None,
@@ -179,7 +199,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     relay_log.configure(fmt=getattr(args, "log_format", None) or cfg.log.format,
                         level=cfg.log.level)
     source = str(path) if (explicit or path.exists()) else "defaults"
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     try:
-        return asyncio.run(serve(cfg, source))
+        return loop.run_until_complete(serve(cfg, source))
     except KeyboardInterrupt:
         return 130
+    finally:
+        _close_loop(loop)
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Like asyncio.run's clean-up, but bounded: a task that ignores its cancellation
+    cannot keep a stopped relay from exiting."""
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.wait(tasks, timeout=EXIT_GRACE))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    asyncio.set_event_loop(None)
+    loop.close()

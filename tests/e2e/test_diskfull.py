@@ -81,8 +81,6 @@ def test_full_disk_answers_4xx_and_intake_resumes(tmp_path: Path, small_fs: Path
                 codes.append((code, msg[:5]))
             assert set(codes) == {(452, b"4.3.1")}, codes  # never 250
             assert relay.wait_event("storage_error", after=mark)["kind"] == "full"
-            rejected = relay.events("rejected", after=mark, command="DATA")
-            assert [e["reply"][:9] for e in rejected] == ["452 4.3.1"] * 5
             # free the space: the same session goes on, no restart
             filler.unlink()
             resumed = []
@@ -91,6 +89,9 @@ def test_full_disk_answers_4xx_and_intake_resumes(tmp_path: Path, small_fs: Path
                 assert code == 250, msg
                 resumed.append(msg.decode().rsplit(" ", 1)[1])
             relay.wait_event("storage_recovered", after=mark)
+            relay.wait_event("received", id=resumed[-1])  # logged after the rejections
+            rejected = relay.events("rejected", after=mark, command="DATA")
+            assert [e["reply"][:9] for e in rejected] == ["452 4.3.1"] * 5
         stored = relay.messages()
         assert set(resumed) <= set(stored)
         assert len(stored) == 4  # the first message and the three after; none of the refused

@@ -125,15 +125,15 @@ def test_smtputf8_address_is_accepted_only_with_the_parameter(relay: RelayProc) 
 
 def test_client_outside_allowed_networks_is_denied(relay: RelayProc) -> None:
     before = set(relay.queue_ids())
-    mark = relay.mark()
     with relay.smtp(source=NOT_ALLOWED_IP) as c:
+        sid = relay.session_for(c)
         c.ehlo()
         assert c.mail("a@example.org")[0] == 250
         code, msg = c.rcpt("b@example.com")
         assert (code, msg[:5]) == (554, b"5.7.1")
         assert b"Relay access denied" in msg
         assert c.docmd("DATA")[0] in (503, 554)  # no valid recipient: no DATA
-    ev = relay.wait_event("rejected", after=mark, command="RCPT")
+    ev = relay.wait_event("rejected", session=sid, command="RCPT")
     assert ev["client_ip"] == NOT_ALLOWED_IP and ev["reply"].startswith("554 5.7.1")
     assert set(relay.queue_ids()) == before
     result = relay.swaks("--to", "b@example.com", "--from", "a@example.org",
@@ -401,8 +401,8 @@ def _client_ctx() -> ssl.SSLContext:
 
 def test_starttls_then_auth(tls_relay: RelayProc) -> None:
     relay = tls_relay
-    mark = relay.mark()
     with relay.smtp(source=NOT_ALLOWED_IP) as c:
+        sid = relay.session_for(c)
         c.ehlo()
         assert "starttls" in c.esmtp_features and "auth" not in c.esmtp_features
         code, msg = c.docmd("AUTH", "PLAIN AGFsaWNlAGNvcnJlY3QgaG9yc2U=")
@@ -423,7 +423,8 @@ def test_starttls_then_auth(tls_relay: RelayProc) -> None:
         qid = send(c, "alice@example.org", ["b@example.com"])
     stored = relay.messages()[qid][1] or b""
     assert b"with ESMTPSA" in stored and b"using TLSv1." in stored
-    auths = relay.events("auth", after=mark)
+    relay.wait_event("disconnect", session=sid)  # every event of the session is read
+    auths = relay.events("auth", session=sid)
     # smtplib's login() tries PLAIN, then LOGIN: two attempts per failed call
     assert [(e["user"], e["mechanism"], e["success"]) for e in auths] == [
         ("alice", "PLAIN", False), ("alice", "LOGIN", False),
@@ -467,6 +468,22 @@ def test_plaintext_sent_behind_starttls_is_discarded(tls_relay: RelayProc) -> No
         # the injected EHLO was dropped: the TLS session starts without a greeting
         assert d.cmd("MAIL FROM:<a@example.org>")[0] == 503
         assert d.cmd("STARTTLS")[0] == 503  # TLS already active
+
+
+def test_failed_tls_handshake_costs_one_session_only(tls_relay: RelayProc) -> None:
+    with Dialog(tls_relay.host, tls_relay.port) as d:
+        sid = tls_relay.session_for(d)
+        d.cmd("EHLO client.test")
+        assert d.cmd("STARTTLS")[0] == 220
+        d.send(b"this is not a TLS ClientHello\r\n")
+        assert d.closed_by_peer()
+    ev = tls_relay.wait_event("rejected", session=sid, command="STARTTLS")
+    assert ev["reply"].startswith("TLS handshake failed")
+    tls_relay.wait_event("disconnect", session=sid, reason="tls_failed")
+    with tls_relay.smtp() as c:
+        c.starttls(context=_client_ctx())
+        assert c.ehlo()[0] == 250
+    assert not tls_relay.events("internal_error")
 
 
 def test_users_file_is_reread_without_restart(tls_relay: RelayProc) -> None:

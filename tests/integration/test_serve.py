@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from relay import app as app_module
+from relay.app import App
 from relay.auth import verify_password
 from tests.support import certs
 from tests.support.relayproc import Dialog, RelayProc, deep_merge, default_config, start_relay
@@ -190,3 +193,76 @@ def test_idle_relay_stops_on_either_signal(tmp_path: Path, sig: int) -> None:
         relay.send_signal(sig)
         assert relay.wait_exit(15) == 0
         assert relay.events("draining")[0]["reason"] == signal.Signals(sig).name
+
+
+# --- the App's component life cycle, in-process with recording components ----------------
+
+
+class Recorder:
+    def __init__(self, name: str, log: list[str], *, dies: bool = False,
+                 swallow_first_cancel: bool = False) -> None:
+        self.name, self.log, self.dies = name, log, dies
+        self.swallow = swallow_first_cancel
+        self.deadline: float | None = None
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        self.log.append(f"start {self.name}")
+        self.started.set()
+
+    async def wait(self) -> None:
+        if self.dies:
+            raise RuntimeError("boom")
+        await asyncio.Event().wait()
+
+    async def drain(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.log.append(f"drain {self.name}")
+
+    async def stop(self) -> None:
+        self.log.append(f"stop {self.name}")
+        if self.swallow:  # the bug guarded against: a background task loses one cancel
+            inner = asyncio.create_task(self._swallowing())
+            await asyncio.sleep(0)
+            inner.cancel()
+            await inner
+
+    async def _swallowing(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass
+        await asyncio.Event().wait()
+
+
+async def test_app_starts_in_order_drains_and_stops_in_reverse() -> None:
+    log: list[str] = []
+    a, b = Recorder("a", log), Recorder("b", log)
+    app = App([a, b], drain_timeout=7)
+    runner = asyncio.create_task(app.run())
+    await b.started.wait()
+    app.request_stop("test")
+    assert await runner == 0
+    assert log == ["start a", "start b", "drain a", "drain b", "stop b", "stop a"]
+    assert a.deadline == b.deadline
+    assert a.deadline is not None
+    assert 6 < a.deadline - asyncio.get_running_loop().time() <= 7
+
+
+async def test_a_component_that_dies_stops_the_app_with_1() -> None:
+    log: list[str] = []
+    assert await App([Recorder("a", log), Recorder("b", log, dies=True)]).run() == 1
+    assert log[-2:] == ["stop b", "stop a"]
+
+
+async def test_a_stop_that_loses_its_cancellation_is_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app_module, "STOP_TIMEOUT", 0.2)
+    log: list[str] = []
+    stuck = Recorder("stuck", log, swallow_first_cancel=True)
+    app = App([Recorder("a", log), stuck])
+    runner = asyncio.create_task(app.run())
+    await stuck.started.wait()
+    app.request_stop("test")
+    assert await asyncio.wait_for(runner, 5) == 0
+    assert log[-2:] == ["stop stuck", "stop a"]

@@ -252,9 +252,20 @@ class RelayProc:
     # log --------------------------------------------------------------------------------
 
     def mark(self) -> int:
-        """A position in the event list: pass it as `after=` to see only later events."""
+        """A position in the event list: pass it as `after=` to see only later events.
+
+        The log is read by a thread, so an event the relay wrote just before may still
+        land after the mark; to tie events to one connection use `session_for`.
+        """
         with self._cond:
             return len(self.events_all)
+
+    def session_for(self, client: Any, *, timeout: float = 10.0) -> str:
+        """The relay's session id of a client connection (a Dialog, an smtplib.SMTP,
+        a socket or its local port), from the `connect` event's client_port."""
+        sock = getattr(client, "sock", client)
+        port = sock if isinstance(sock, int) else sock.getsockname()[1]
+        return str(self.wait_event("connect", timeout=timeout, client_port=port)["session"])
 
     def events(self, name: str | None = None, *, after: int = 0,
                **match: Any) -> list[dict[str, Any]]:
