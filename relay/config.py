@@ -266,6 +266,15 @@ class DeliveryConfig(_Section):
     """The STARTTLS handshake."""
     min_tls_version: Literal["1.2", "1.3"] = "1.2"
     """Lowest TLS version accepted when TLS is mandatory."""
+    connection_cache_time: Duration = 2.0
+    """How long an idle connection (already verified under the same policy) is kept for
+    the next message to the same host; 0 turns reuse off (Postfix's
+    smtp_connection_cache_time_limit)."""
+    connection_reuse_limit: int = Field(100, ge=1)
+    """Most messages sent over one connection."""
+    connection_reuse_time: Duration = 300.0
+    """Oldest age of a connection that is still reused (Postfix's
+    smtp_connection_reuse_time_limit)."""
 
 
 class NdrConfig(_Section):

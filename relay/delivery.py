@@ -30,6 +30,7 @@ from relay import classify
 from relay import codes as codetable
 from relay import verdict as hostverdict
 from relay.config import Config
+from relay.connpool import SessionPool
 from relay.destination import plan_destination
 from relay.errors import SmtpClientError, TlsError
 from relay.model import Outcome, TlsRequirement
@@ -116,6 +117,17 @@ class _HostFailure:
     trace: HostAttempt
 
 
+@dataclass(frozen=True)
+class _Opened:
+    """A session ready for MAIL FROM, and how it was secured (kept with a cached one)."""
+
+    tls: TlsInfo | None
+    dane_text: str
+    security: str
+    use_tls: bool
+    local_ip: str
+
+
 @dataclass
 class _Walk:
     failures: list[Outcome] = field(default_factory=list)
@@ -151,6 +163,10 @@ class Deliverer:
         self.settings = settings
         self.rng = rng or random.Random()
         self.clock = clock
+        d = config.delivery
+        self.pool = SessionPool(idle_time=d.connection_cache_time,
+                                max_uses=d.connection_reuse_limit,
+                                max_age=d.connection_reuse_time)
 
     @property
     def limits(self) -> hostverdict.Limits:
@@ -219,6 +235,19 @@ class Deliverer:
             return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
                                             security="failed"))
         req = host.requirement or TlsRequirement.MAY
+        key = (ip, port, req, host.sni, host.usable_tlsa, host.reference_names, relax)
+        cached = self.pool.take(key)
+        if cached is not None:
+            sess, opened = cached
+            try:
+                result = await self._transact(sess, host, ip, req, opened, sender, recipients,
+                                              body, smtputf8=smtputf8, size=size)
+            except SmtpClientError:
+                sess.close()  # the cached connection went stale: open a new one
+                self.pool.forget(sess)
+            else:
+                await self._release(key, sess, opened, result)
+                return result
         plain_retry = False
         while True:
             try:
@@ -226,10 +255,16 @@ class Deliverer:
                                                  timeouts=s.timeouts)
             except SmtpClientError as exc:
                 return self._failure(host, ip, exc, req)
+            opened: _Opened | _HostFailure | None = None
             try:
-                result = await self._session(sess, host, ip, req, sender, recipients, body,
-                                             smtputf8=smtputf8, size=size,
-                                             use_tls=not plain_retry, relax=relax)
+                opened = await self._open(sess, host, ip, req, use_tls=not plain_retry,
+                                          relax=relax)
+                if isinstance(opened, _HostFailure):
+                    result: _HostFailure | tuple[dict[str, Outcome], HostAttempt] = opened
+                else:
+                    result = await self._transact(sess, host, ip, req, opened, sender,
+                                                  recipients, body, smtputf8=smtputf8,
+                                                  size=size)
             except TlsError as exc:
                 sess.close()
                 if (req is TlsRequirement.MAY or relax) and not plain_retry \
@@ -240,17 +275,38 @@ class Deliverer:
             except SmtpClientError as exc:
                 sess.close()
                 return self._failure(host, ip, exc, req, sess.local_ip)
-            finally:
-                if not sess.closed:
-                    await sess.quit()
-                    sess.close()
+            except BaseException:
+                sess.close()
+                raise
+            if isinstance(opened, _Opened):
+                await self._release(key, sess, opened, result)
+            else:
+                await self._quit(sess)
             return result
 
-    async def _session(self, sess: SmtpSession, host: HostPlan, ip: str,
-                       req: TlsRequirement, sender: str, recipients: Sequence[str],
-                       body: bytes, *, smtputf8: bool, size: int | None, use_tls: bool,
-                       relax: bool = False,
-                       ) -> _HostFailure | tuple[dict[str, Outcome], HostAttempt]:
+    async def _release(self, key: tuple[object, ...], sess: SmtpSession, opened: _Opened,
+                       result: _HostFailure | tuple[dict[str, Outcome], HostAttempt]) -> None:
+        """After a transaction: keep the session for the next message, or QUIT it."""
+        if isinstance(result, _HostFailure):
+            self.pool.forget(sess)
+            await self._quit(sess)
+        else:
+            self.pool.give(key, sess, opened)
+
+    @staticmethod
+    async def _quit(sess: SmtpSession) -> None:
+        if not sess.closed:
+            await sess.quit()
+        sess.close()
+
+    async def close(self) -> None:
+        """Close the cached connections (the relay is stopping)."""
+        await self.pool.close()
+
+    async def _open(self, sess: SmtpSession, host: HostPlan, ip: str, req: TlsRequirement,
+                    *, use_tls: bool, relax: bool = False) -> _Opened | _HostFailure:
+        """EHLO, STARTTLS and the chain's verdict as the plan demands: a session ready for
+        MAIL FROM under this host's policy, or the host's failure."""
         s = self.settings
         local = sess.local_ip
         await sess.ehlo()
@@ -286,12 +342,21 @@ class Deliverer:
                         failure_type=codetable.tlsrpt_result_type(out.code), tls_info=tls))
                 dane_text, security = judged.dane_text, judged.security
                 await sess.ehlo()
+        return _Opened(tls, dane_text, security, use_tls, local)
+
+    async def _transact(self, sess: SmtpSession, host: HostPlan, ip: str,
+                        req: TlsRequirement, opened: _Opened, sender: str,
+                        recipients: Sequence[str], body: bytes, *, smtputf8: bool,
+                        size: int | None,
+                        ) -> _HostFailure | tuple[dict[str, Outcome], HostAttempt]:
         txn = await sess.send_mail(sender, recipients, body, smtputf8=smtputf8, size=size)
+        tls = opened.tls
         plain_type = None  # opportunistic TLS that ended in cleartext: a TLS-RPT failure
         if tls is None and req is not TlsRequirement.NONE:
-            plain_type = "starttls-not-supported" if use_tls else "validation-failure"
-        trace = _trace(host, ip, tls=_tls_text(tls), dane=dane_text, security=security,
-                       tls_info=tls, local_ip=local, failure_type=plain_type)
+            plain_type = "starttls-not-supported" if opened.use_tls else "validation-failure"
+        trace = _trace(host, ip, tls=_tls_text(tls), dane=opened.dane_text,
+                       security=opened.security, tls_info=tls, local_ip=opened.local_ip,
+                       failure_type=plain_type)
         if txn.refused is None and txn.mail is not None and txn.mail.transient:
             # A 4xx to MAIL FROM is about this host: try the next one.
             out = _outcome("mail", txn.mail)

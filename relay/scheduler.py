@@ -102,6 +102,7 @@ class Scheduler:
                     await task
         with contextlib.suppress(StoreError):
             await self.store.unlease(self.owner)
+        await self.deliverer.close()
 
     # --- the loop -------------------------------------------------------------------
 
