@@ -184,7 +184,8 @@ async def serve(cfg: Config, source: str) -> int:
     users = load_users(cfg.listener, tls)
     store = await Store.open(cfg.queue.path, commit_batch=cfg.queue.commit_batch)
     try:
-        app = App(build_components(cfg, store, tls=tls, users=users))
+        app = App(build_components(cfg, store, tls=tls, users=users),
+                  drain_timeout=cfg.listener.drain_timeout)
         _install_signals(app)
         code = await app.run()
     finally:

@@ -38,7 +38,10 @@ REPLY_UNAVAILABLE = "451 4.3.0 Temporary storage failure, try again later"
 class MessageSink(Protocol):
     """Where accepted mail goes (relay.store.Store)."""
 
-    async def enqueue(self, envelope: Envelope, *, now: float) -> str: ...
+    def new_id(self, now: float) -> str: ...
+
+    async def enqueue(self, envelope: Envelope, *, now: float, qid: str | None = None
+                      ) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -171,9 +174,10 @@ class Intake:
         tls_version, cipher = session.tls_info()
         proto = protocol(esmtp=session.session.extended_smtp, tls=tls_version is not None,
                          auth=session.authenticated, smtputf8=txn.smtputf8)
+        qid = self.sink.new_id(now)  # known before COMMIT: Received: names it (Postfix)
         header = received_header(
             helo=session.session.host_name, client_ip=session.client_ip,
-            hostname=self.settings.hostname, proto=proto, queue_id=session.sid,
+            hostname=self.settings.hostname, proto=proto, queue_id=qid,
             now=dt.datetime.fromtimestamp(now).astimezone(),
             recipients=tuple(txn.recipients), tls_version=tls_version, tls_cipher=cipher,
         )
@@ -186,7 +190,7 @@ class Intake:
         )
         fields: dict[str, Any] = {"sender": txn.sender, "recipients": len(txn.recipients)}
         try:
-            qid = await self.sink.enqueue(envelope, now=now)
+            qid = await self.sink.enqueue(envelope, now=now, qid=qid)
         except StorageFull:
             return REPLY_FULL, fields
         except StoreError:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sqlite3
 import time
@@ -24,6 +23,7 @@ from relay.log import event
 from relay.metrics import Metrics, MetricsServer
 from relay.resolve import Resolver, ValidationProbe, check_validating
 from relay.store import Store
+from relay.tasks import cancel_and_wait
 
 PROBE_EVERY = 300.0  # seconds between resolver probes while running
 
@@ -59,10 +59,7 @@ class ResolverProbe:
         return None
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
 
 
 class MetricsComponent:

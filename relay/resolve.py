@@ -423,10 +423,13 @@ class Resolver:
             if self.on_query is not None:
                 self.on_query(name_text(name), rdtype, cd)
             try:
-                data = await asyncio.wait_for(self._udp(wire, qlen, host, port), share)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that arrives together with the reply (a stop that hangs).
+                async with asyncio.timeout(share):
+                    data = await self._udp(wire, qlen, host, port)
                 if data[2] & 0x02:  # TC: the answer did not fit, ask over TCP
-                    data = await asyncio.wait_for(self._tcp(wire, qlen, host, port),
-                                                  max(deadline - loop.time(), 0.001))
+                    async with asyncio.timeout(max(deadline - loop.time(), 0.001)):
+                        data = await self._tcp(wire, qlen, host, port)
             except TimeoutError:
                 problems.append(f"{host}:{port} timed out")
                 continue

@@ -31,6 +31,7 @@ from relay.errors import NotFound, StoreError
 from relay.log import event
 from relay.model import Action, Envelope, Outcome, RecipientStatus
 from relay.store import AttemptTrace, Job, JobResult, RecipientUpdate, Store
+from relay.tasks import cancel_and_wait
 
 Clock = Callable[[], float]
 PURGE_EVERY = 600.0  # seconds between purges of finished messages past retention
@@ -92,14 +93,7 @@ class Scheduler:
 
     async def stop(self) -> None:
         self._draining = True
-        if self._loop_task:
-            self._loop_task.cancel()
-        for task in list(self._active):
-            task.cancel()
-        for task in [self._loop_task, *self._active]:
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await cancel_and_wait([self._loop_task, *self._active])
         with contextlib.suppress(StoreError):
             await self.store.unlease(self.owner)
         await self.deliverer.close()

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import ipaddress
 import os
@@ -43,6 +42,7 @@ from relay.model import Envelope, Rcode
 from relay.resolve import Resolver
 from relay.store import Store
 from relay.store.tlsrpt import ReportTask
+from relay.tasks import cancel_and_wait
 from relay.tlsrptmail import SIGNED_HEADERS, build_mail
 
 if TYPE_CHECKING:
@@ -262,10 +262,7 @@ class TlsReporter:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait([self._task])
 
     async def _run(self) -> None:
         while not self._stopping:

@@ -156,7 +156,12 @@ class Store(TlsRptStore):
 
     # --- intake -------------------------------------------------------------------------
 
-    async def enqueue(self, envelope: Envelope, *, now: float) -> str:
+    def new_id(self, now: float) -> str:
+        """A fresh queue id (sorting by arrival), for a caller that needs it before
+        `enqueue`, e.g. for the Received: header."""
+        return self._ids.next(now)
+
+    async def enqueue(self, envelope: Envelope, *, now: float, qid: str | None = None) -> str:
         """Store a message; returns its queue id only after the COMMIT returned.
 
         Raises StorageFull (disk or page limit full) or StorageUnavailable (locked,
@@ -164,7 +169,7 @@ class Store(TlsRptStore):
         """
         if not envelope.recipients:
             raise StoreError("a message needs at least one recipient")
-        qid = self._ids.next(now)
+        qid = qid or self._ids.next(now)
         body = envelope.body
         message = (
             qid, envelope.sender, now, len(body), body, header_section(body),
