@@ -11,6 +11,7 @@ and 3 s after arrival: relay.retry.planned_attempts) and then bounces with an ND
 
 from __future__ import annotations
 
+import datetime as dt
 import email
 import email.policy
 import json
@@ -35,7 +36,7 @@ ATTEMPTS = retry.planned_attempts([1.0], 3.0)
 
 IP = {name: f"127.25.9.{i}" for i, name in enumerate(
     ["ok", "mismatch", "notls", "plain", "fb2", "mixed", "inject", "drop", "senderbox",
-     "ta", "bogus", "fb1", "pkix", "postmaster"], start=1)}
+     "ta", "bogus", "fb1", "pkix", "postmaster", "expired", "early", "ascii"], start=1)}
 PORT = shared_port([*IP.values(), "127.0.0.1"])
 
 CA = make_ca("E2E Root")
@@ -47,6 +48,12 @@ def leaf(name: str) -> Issued:
 
 
 CERTS = {name: leaf(f"mx.{name}.test") for name in IP}
+_DAY = dt.timedelta(days=1)
+_NOW = dt.datetime.now(dt.UTC)
+CERTS["expired"] = make_leaf(["mx.expired.test"], issuer=INTER, not_before=_NOW - 30 * _DAY,
+                             not_after=_NOW - _DAY)
+CERTS["early"] = make_leaf(["mx.early.test"], issuer=INTER, not_before=_NOW + _DAY,
+                           not_after=_NOW + 30 * _DAY)
 OTHER = make_leaf(["someone.else.test"])
 
 
@@ -83,6 +90,11 @@ def world(bed: DnsBed) -> None:
     fb.add("mx1", "A", IP["fb1"]).add(f"_{PORT}._tcp.mx1", "TLSA", tlsa311(CERTS["fb1"]))
     fb.add("mx2", "A", IP["fb2"]).add(f"_{PORT}._tcp.mx2", "TLSA", tlsa311(CERTS["fb2"]))
     bed.zone("nullmx.test").add("@", "MX", "0 .")
+    # DANE-TA with a leaf past / before its validity period.
+    ta_record = "2 0 1 " + INTER.tlsa_data(0, 1).hex()
+    host(bed, "expired.test", IP["expired"], tlsa=ta_record)
+    host(bed, "early.test", IP["early"], tlsa=ta_record)
+    host(bed, "ascii.test", IP["ascii"])
     # The MX is this relay itself (its listener is on 127.0.0.1:PORT).
     host(bed, "loop.test", "127.0.0.1")
 
@@ -110,6 +122,9 @@ def dests() -> Iterator[dict[str, Destination]]:
         "ta": Destination(IP["ta"], PORT, tls=(CERTS["ta"], chain)),
         "pkix": Destination(IP["pkix"], PORT, tls=(CERTS["pkix"], chain)),
         "bogus": Destination(IP["bogus"], PORT, tls=(CERTS["bogus"], chain)),
+        "expired": Destination(IP["expired"], PORT, tls=(CERTS["expired"], chain)),
+        "early": Destination(IP["early"], PORT, tls=(CERTS["early"], chain)),
+        "ascii": Destination(IP["ascii"], PORT, smtputf8=False),
     }
     for d in made.values():
         d.start()
@@ -260,9 +275,11 @@ def test_mismatch_is_retried_then_bounced_with_one_ndr(relay: RelayProc,
     ndr = ndr_for(dests, qid)
     assert ndr.mail_from == "" and ndr.rcpt_tos == ["alice@senderbox.test"]
     blocks = delivery_status(ndr)
-    assert blocks[0]["reporting-mta"].startswith("dns;")
+    assert blocks[0]["reporting-mta"] == "dns; relay.test"
+    assert "arrival-date" in blocks[0]
     rcpt = blocks[1]
     assert rcpt["final-recipient"] == "rfc822; bob@mismatch.test"
+    assert rcpt["remote-mta"] == "dns; mx.mismatch.test"
     assert rcpt["action"] == "failed" and rcpt["status"] == "5.7.323"
     assert "tlsa-invalid" in rcpt["diagnostic-code"]
     assert "last-attempt-date" in rcpt
@@ -421,3 +438,33 @@ def test_a_verified_connection_is_reused_for_the_next_message(
     assert conns[0].verbs().count("STARTTLS") == 1
     h2 = recipient(show(relay, second), "reuse2@ta.test")["history"][-1]
     assert h2["dane"].startswith("authenticated")  # the verdict the session was opened with
+
+
+def test_dane_ta_leaf_expired_is_certificate_expired(relay: RelayProc,
+                                                     dests: dict[str, Destination]) -> None:
+    qid = submit(relay, ["bob@expired.test"])
+    ev = final(relay, qid, "bob@expired.test")
+    assert ev["event"] == "expired" and ev["code"] == "5.7.322"
+    assert "certificate-expired" in relay.events("deferred", id=qid)[0]["reply"]
+    assert not dests["expired"].messages
+
+
+def test_dane_ta_leaf_not_yet_valid_is_tlsa_invalid(relay: RelayProc,
+                                                    dests: dict[str, Destination]) -> None:
+    qid = submit(relay, ["bob@early.test"])
+    ev = final(relay, qid, "bob@early.test")
+    assert ev["event"] == "expired" and ev["code"] == "5.7.323"
+    assert not dests["early"].messages
+
+
+def test_smtputf8_message_to_a_server_without_it_bounces_5_6_7(
+        relay: RelayProc, dests: dict[str, Destination]) -> None:
+    mark = relay.mark()
+    with relay.smtp() as client:
+        client.sendmail("alice@senderbox.test", ["bj\u00f6rn@ascii.test"],
+                        b"Subject: utf8\r\n\r\nhej\r\n",
+                        mail_options=["SMTPUTF8"])
+    qid = str(relay.wait_event("received", after=mark)["id"])
+    ev = final(relay, qid, "bj\u00f6rn@ascii.test")
+    assert ev["event"] == "bounced" and ev["code"] == "5.6.7"
+    assert not dests["ascii"].messages
