@@ -102,29 +102,36 @@ class Scheduler:
 
     async def _run(self) -> None:
         await self._sweep_ndrs()
-        d = self.config.delivery
         while not self._draining:
-            now = self.clock()
-            free = self._capacity - len(self._active)
-            claimed = 0
-            if free > 0:
-                jobs = await self.store.claim(now=now, owner=self.owner, lease_seconds=d.lease,
-                                              limit=free,
-                                              max_recipients=d.max_recipients_per_transaction)
-                for job in jobs:
-                    self._dispatch(job)
-                claimed = len(jobs)
-            if now - self._last_purge >= PURGE_EVERY:
-                self._last_purge = now
-                await self.store.purge(now=now, retention=self.config.queue.trace_retention)
-            if claimed and claimed < free:
-                continue  # there may be more due work right away
-            timeout = d.poll_interval
-            if claimed < free:
-                nxt = await self.store.next_due(self.clock())
-                if nxt is not None:
-                    timeout = min(timeout, max(0.01, nxt - self.clock()))
+            try:
+                timeout = await self._round()
+            except StoreError as exc:  # e.g. locked by a backup: wait, never die
+                event("storage_error", level="error", kind="scheduler", detail=str(exc))
+                timeout = self.config.delivery.poll_interval
             await self._sleep(timeout)
+
+    async def _round(self) -> float:
+        """Claim what is due and can be started; returns how long to sleep at most."""
+        d = self.config.delivery
+        now = self.clock()
+        free = self._capacity - len(self._active)
+        claimed = 0
+        if free > 0:
+            jobs = await self.store.claim(now=now, owner=self.owner, lease_seconds=d.lease,
+                                          limit=free,
+                                          max_recipients=d.max_recipients_per_transaction)
+            for job in jobs:
+                self._dispatch(job)
+            claimed = len(jobs)
+        if now - self._last_purge >= PURGE_EVERY:
+            self._last_purge = now
+            await self.store.purge(now=now, retention=self.config.queue.trace_retention)
+        timeout = d.poll_interval
+        if claimed < free:  # everything due was claimed: sleep until the next due time
+            nxt = await self.store.next_due(self.clock())
+            if nxt is not None:
+                timeout = min(timeout, max(0.01, nxt - self.clock()))
+        return timeout  # at capacity: a freed slot wakes the loop
 
     async def _sleep(self, seconds: float) -> None:
         waiters = [asyncio.ensure_future(self.store.new_work.wait()),
@@ -161,8 +168,9 @@ class Scheduler:
                       error=f"{type(exc).__name__}: {exc}")
                 now = self.clock()
                 out = Outcome(Action.DEFERRED, "4.3.0", f"internal error: {exc}")
-                await self.store.record([self._result(job, {}, None, now, now, default=out)],
-                                        now=now)
+                with contextlib.suppress(StoreError):  # else the lease runs out: retried
+                    await self.store.record(
+                        [self._result(job, {}, None, now, now, default=out)], now=now)
 
     # --- one job --------------------------------------------------------------------
 
