@@ -155,6 +155,24 @@ class Scheduler:
         task.add_done_callback(done)
 
     async def _guarded(self, job: Job) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(job))
+        try:
+            await self._limited(job)
+        finally:
+            await cancel_and_wait([heartbeat])
+
+    async def _heartbeat(self, job: Job) -> None:
+        """Renew the job's lease while it waits or runs: an attempt may legitimately take
+        longer than `delivery.lease` (slow servers, many MX hosts), and work whose lease
+        ran out would be claimed and delivered a second time."""
+        lease = self.config.delivery.lease
+        ids = [rid for rid, _, _ in job.recipients]
+        while True:
+            await asyncio.sleep(lease / 3)
+            with contextlib.suppress(StoreError):
+                await self.store.renew_lease(self.owner, ids, until=self.clock() + lease)
+
+    async def _limited(self, job: Job) -> None:
         sem = self._domains.setdefault(job.domain, asyncio.Semaphore(self._per_domain))
         async with sem:
             try:

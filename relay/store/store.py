@@ -223,6 +223,18 @@ class Store(TlsRptStore):
             self.new_work.set()
         return count
 
+    async def renew_lease(self, owner: str, recipient_ids: Iterable[int], *,
+                          until: float) -> int:
+        """Push the lease of work still in progress forward; returns rows renewed."""
+        ids = json.dumps(list(recipient_ids))
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            cur = await conn.execute(Q.renew_lease, {"owner": owner, "ids": ids,
+                                                     "until": until})
+            return cur.rowcount
+
+        return int(await self._writer.run(op))
+
     async def load_body(self, message_id: str) -> bytes:
         row = await self._fetchone(Q.load_body, {"id": message_id})
         if row is None or row[0] is None:

@@ -59,6 +59,13 @@ FROM messages WHERE id IN (SELECT value FROM json_each(:ids));
 UPDATE recipients SET lease_owner = NULL, leased_until = NULL
 WHERE lease_owner = :owner AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)));
 
+-- name: renew_lease
+-- A worker still busy with its job pushes its lease forward (heartbeat), so that the
+-- work is not claimed a second time while the attempt is still running.
+UPDATE recipients SET leased_until = :until
+WHERE lease_owner = :owner AND id IN (SELECT value FROM json_each(:ids))
+  AND status IN ('queued', 'deferred');
+
 -- name: next_due_unleased
 SELECT min(t) FROM (
     SELECT * FROM (
