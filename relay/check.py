@@ -96,9 +96,10 @@ class AddressProbe:
     async def run(self, host: HostPlan, ip: str) -> AddressCheck:
         s, port = self.settings, host.port
         res = AddressCheck(ip, port)
-        if verdict.loops_back(ip, port, s.own_endpoints):
-            res.step("fail", f"[{ip}]:{port} is this relay's own listener (mail loop)")
-            return res.fail(verdict.loop_outcome(host, ip))
+        gate = verdict.address_gate(host, ip, s.own_endpoints, s.local_addresses)
+        if gate is not None:
+            res.step("fail", f"[{ip}]:{port}: {gate.reply}")
+            return res.fail(gate)
         req = host.requirement or TlsRequirement.MAY
         use_tls = True
         while True:

@@ -150,6 +150,9 @@ class ListenerConfig(_Section):
     """Time allowed for the whole DATA phase of one message."""
     max_line_length: int = Field(4096, ge=1000)
     """Longest command or DATA line accepted, in octets."""
+    max_hops: int = Field(50, ge=2)
+    """A message with this many Received: headers is refused with 554 5.4.6 (a mail
+    loop; Postfix's hopcount_limit)."""
     drain_timeout: Duration = 30.0
     """At the first SIGTERM, how long open transactions may take to finish (at most
     data_timeout) before the relay stops."""

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import itertools
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from relay import classify
 from relay import codes as codetable
@@ -53,6 +55,7 @@ class DeliverySettings:
     max_tlsa_records: int = 20
     max_chain: int = 10
     own_endpoints: frozenset[tuple[str, int]] = frozenset()  # our listener: a loop
+    local_addresses: frozenset[str] = frozenset()  # this machine's (wildcard listener)
     max_addresses: int = 8
 
     @classmethod
@@ -65,8 +68,29 @@ class DeliverySettings:
             max_tlsa_records=cfg.dane.max_records,
             max_chain=cfg.dane.max_chain_length,
             own_endpoints=own_endpoints(cfg.listener.host, cfg.listener.port),
+            local_addresses=machine_addresses(),
             max_addresses=cfg.dns.max_addresses_per_host,
         )
+
+
+def machine_addresses() -> frozenset[str]:
+    """This machine's own IP addresses (Linux /proc; empty elsewhere), for loop detection
+    when the listener is bound to a wildcard address."""
+    found: set[str] = set()
+    try:
+        lines = Path("/proc/net/fib_trie").read_text().splitlines()
+        for prev, line in itertools.pairwise(lines):
+            if "/32 host LOCAL" in line:
+                found.add(prev.strip().split()[-1])
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            raw = line.split()[0]
+            found.add(str(ipaddress.IPv6Address(int(raw, 16))))
+    except (OSError, ValueError, IndexError):
+        pass
+    return frozenset(found)
 
 
 def own_endpoints(host: str, port: int) -> frozenset[tuple[str, int]]:
@@ -230,10 +254,10 @@ class Deliverer:
                    ) -> _HostFailure | tuple[dict[str, Outcome], HostAttempt]:
         s = self.settings
         port = host.port
-        if hostverdict.loops_back(ip, port, s.own_endpoints):
-            out = hostverdict.loop_outcome(host, ip)
-            return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
-                                            security="failed"))
+        gate = hostverdict.address_gate(host, ip, s.own_endpoints, s.local_addresses)
+        if gate is not None:
+            return _HostFailure(gate, _trace(host, ip, code=gate.code, reply=gate.reply,
+                                             security="failed"))
         req = host.requirement or TlsRequirement.MAY
         key = (ip, port, req, host.sni, host.usable_tlsa, host.reference_names, relax)
         cached = self.pool.take(key)
@@ -255,6 +279,12 @@ class Deliverer:
                                                  timeouts=s.timeouts)
             except SmtpClientError as exc:
                 return self._failure(host, ip, exc, req)
+            if sess.greeting and hostverdict.greeting_loops(sess.greeting.text,
+                                                            (s.helo_name,)):
+                await self._quit(sess)
+                out = hostverdict.loop_outcome(host, ip)
+                return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
+                                                security="failed"))
             opened: _Opened | _HostFailure | None = None
             try:
                 opened = await self._open(sess, host, ip, req, use_tls=not plain_retry,

@@ -55,6 +55,7 @@ class IntakeSettings:
     command_timeout: float = 300.0
     data_timeout: float = 600.0
     max_line_length: int = 4096
+    max_hops: int = 50
 
     @classmethod
     def from_config(cls, lc: ListenerConfig, hostname: str) -> IntakeSettings:
@@ -64,7 +65,7 @@ class IntakeSettings:
             max_connections=lc.max_connections,
             max_connections_per_ip=lc.max_connections_per_ip,
             command_timeout=lc.command_timeout, data_timeout=lc.data_timeout,
-            max_line_length=lc.max_line_length,
+            max_line_length=lc.max_line_length, max_hops=lc.max_hops,
         )
 
 
@@ -171,6 +172,10 @@ class Intake:
         """Prepend Received:, enqueue, and return the reply for the final dot."""
         assert session.session is not None
         now = self.clock()
+        hops = count_received(body)
+        if hops >= self.settings.max_hops:  # RFC 5321 §6.3, Postfix's hopcount_limit
+            return (f"554 5.4.6 Too many hops ({hops} Received: headers): mail loop?",
+                    {"sender": txn.sender, "hops": hops})
         tls_version, cipher = session.tls_info()
         proto = protocol(esmtp=session.session.extended_smtp, tls=tls_version is not None,
                          auth=session.authenticated, smtputf8=txn.smtputf8)
@@ -203,6 +208,13 @@ class Intake:
               sender=txn.sender, recipients=len(txn.recipients), size=len(envelope.body),
               protocol=proto, auth_user=session.auth_user)
         return f"250 2.0.0 Ok: queued as {qid}", fields
+
+
+def count_received(body: bytes) -> int:
+    """Received: header fields in the message's header section."""
+    end = body.find(b"\r\n\r\n")
+    head = body if end < 0 else body[:end + 2]
+    return sum(1 for line in head.split(b"\r\n") if line[:9].lower() == b"received:")
 
 
 class Listener:

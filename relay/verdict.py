@@ -148,17 +148,50 @@ def give_up(failures: Sequence[Outcome]) -> Outcome:
     return best or classify.local(codetable.DNS_FAILED, "no usable MX host")
 
 
-def loops_back(ip: str, port: int, own: frozenset[tuple[str, int]]) -> bool:
+def loops_back(ip: str, port: int, own: frozenset[tuple[str, int]],
+               local: frozenset[str] = frozenset()) -> bool:
     """Would (ip, port) reach this relay's own listener? (`own`: DeliverySettings'
-    own_endpoints; ("*", port) stands for a wildcard listener: every loopback address.)"""
+    own_endpoints; ("*", port) stands for a wildcard listener: every loopback address
+    and every address of this machine (`local`).) The unspecified address (0.0.0.0,
+    ::) always reaches this machine."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
     if (ip, port) in own:
         return True
     if ("*", port) not in own:
-        return False
+        return addr.is_unspecified and any(p == port for _, p in own)
+    return addr.is_loopback or addr.is_unspecified or str(addr) in local
+
+
+def unroutable(ip: str) -> bool:
+    """An MX address no mail can go to: unspecified, multicast, broadcast, reserved."""
     try:
-        return ipaddress.ip_address(ip).is_loopback
+        addr = ipaddress.ip_address(ip)
     except ValueError:
-        return False
+        return True
+    broadcast = addr.version == 4 and str(addr) == "255.255.255.255"
+    return addr.is_unspecified or addr.is_multicast or broadcast or (
+        addr.version == 4 and addr.is_reserved)
+
+
+def greeting_loops(greeting_text: str, own_names: Sequence[str]) -> bool:
+    """Postfix's check: the server greets with our own name ("mail loops back to
+    myself")."""
+    first = greeting_text.split(None, 1)[0].rstrip(".").lower() if greeting_text else ""
+    return bool(first) and first in {n.rstrip(".").lower() for n in own_names if n}
+
+
+def address_gate(host: HostPlan, ip: str, own: frozenset[tuple[str, int]],
+                 local: frozenset[str] = frozenset()) -> Outcome | None:
+    """Before connecting: this relay itself (a loop, 5.4.6) or an address no mail can go
+    to (4.4.4, the next address is tried); None when the address may be used."""
+    if loops_back(ip, host.port, own, local):
+        return loop_outcome(host, ip)
+    if unroutable(ip):
+        return classify.no_route(f"{host.name} [{ip}] is not a routable address")
+    return None
 
 
 def loop_outcome(host: HostPlan, ip: str) -> Outcome:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 MAX_COMMAND = 1000  # octets of a command line (RFC 5321 §4.5.3.1.4 says 512; be lenient)
 MAX_AUTH_COMMAND = 12288  # RFC 4954 §4
 MAX_ERRORS = 50  # refused commands per session before 421
+RECIPIENT_OVERSHOOT = 1000  # RCPTs past max_recipients not counted as errors (Postfix)
 
 @dataclass
 class Transaction:
@@ -113,6 +114,7 @@ class IntakeSession(TlsAuthCommands, SMTP):
         self.admitted = False
         self.in_data = False
         self._errors = 0
+        self._overshoot = 0
         self._auth_failures = 0
         self._close_reason = "eof"
         self._started = time.monotonic()
@@ -184,12 +186,14 @@ class IntakeSession(TlsAuthCommands, SMTP):
 
     # --- replies -----------------------------------------------------------------------
 
-    async def reply(self, text: str, *, command: str = "", **fields: Any) -> None:
-        """Send one reply; a 4xx/5xx is logged as `rejected` and counted."""
+    async def reply(self, text: str, *, command: str = "", count: bool = True,
+                    **fields: Any) -> None:
+        """Send one reply; a 4xx/5xx is logged as `rejected` and (with `count`) counted
+        towards the errors that end the session."""
         if text[:1] in ("4", "5"):
             event("rejected", session=self.sid, client_ip=self.client_ip, command=command,
                   reply=text, **fields)
-            self._errors += 1
+            self._errors += 1 if count else 0
         await self.push(text)
         if self._errors >= MAX_ERRORS and self.transport is not None:
             self._abort(f"421 4.7.0 {self.hostname} Error: too many errors", reason="errors")
@@ -416,7 +420,11 @@ class IntakeSession(TlsAuthCommands, SMTP):
                              recipient=mailbox.address[:300])
             return
         if len(self._txn.recipients) >= self.intake.settings.max_recipients:
-            await self.reply("452 4.5.3 Error: too many recipients", command="RCPT")
+            # Expected from a pipelining client with a long list: not an error (the
+            # accepted recipients go on to DATA), up to Postfix's overshoot limit.
+            self._overshoot += 1
+            await self.reply("452 4.5.3 Error: too many recipients", command="RCPT",
+                             count=self._overshoot > RECIPIENT_OVERSHOOT)
             return
         self._txn.recipients.append(mailbox.address)
         await self.push("250 2.1.5 Ok")

@@ -136,7 +136,12 @@ class TlsAuthCommands:
 
     async def _b64(self, initial: str | None, challenge: str) -> bytes | None:
         if initial is None:
-            got = await self.challenge_auth(challenge)
+            try:
+                got = await self.challenge_auth(challenge)
+            except ValueError:  # the stream's line limit: a line far too long
+                await self.reply("500 5.5.6 Error: authentication line too long",
+                                 command="AUTH")
+                return None
             return None if got is MISSING else got  # type: ignore[return-value]
         if initial == "=":
             return b""

@@ -162,7 +162,9 @@ class Extensions:
         if raw is None:
             return None
         first = raw.split(" ", 1)[0]
-        return int(first) if first.isdigit() and int(first) > 0 else None
+        if not (first.isascii() and first.isdigit() and len(first) <= 20):
+            return None  # "SIZE ²" or garbage: no usable limit
+        return int(first) or None
 
     @property
     def pipelining(self) -> bool:

@@ -263,6 +263,37 @@ def test_recipient_limit(relay: RelayProc) -> None:
     assert len(relay.recipients(queued_id(msg))) == 3
 
 
+def test_a_long_recipient_list_beyond_the_limit_still_delivers_the_first_ones(
+        relay: RelayProc) -> None:
+    """A pipelining client sends its whole list; the 452s past the limit are expected
+    (the client sends the rest again later) and must not end the session."""
+    with Dialog(relay.host, relay.port) as d:
+        d.cmd("EHLO client.test")
+        rcpts = "".join(f"RCPT TO:<r{i}@example.com>\r\n" for i in range(80))
+        d.send(b"MAIL FROM:<a@example.org>\r\n" + rcpts.encode() + b"DATA\r\n")
+        replies = [d.reply()[0] for _ in range(82)]
+        assert replies[0] == 250 and replies[1:4] == [250, 250, 250]
+        assert set(replies[4:81]) == {452} and replies[81] == 354
+        d.send(BODY + b".\r\n")
+        code, lines = d.reply()
+    assert code == 250
+    assert len(relay.recipients(queued_id(lines[-1]))) == 3
+
+
+def test_too_many_received_headers_is_a_loop(relay: RelayProc) -> None:
+    hops = b"".join(b"Received: from hop%d by x; Sat, 28 Nov 2026 10:00:00 +0000\r\n" % i
+                    for i in range(50))
+    with relay.smtp() as c:
+        c.ehlo()
+        c.mail("a@example.org")
+        c.rcpt("b@example.com")
+        code, msg = c.data(hops + BODY)
+        assert (code, msg[:5]) == (554, b"5.4.6")
+        c.rset()
+        qid = send(c, "a@example.org", ["b@example.com"], body=hops[:-60] + BODY)  # 49
+    assert qid
+
+
 def test_pipelined_commands_get_replies_in_order(relay: RelayProc) -> None:
     with Dialog(relay.host, relay.port) as d:
         d.cmd("EHLO client.test")
@@ -456,6 +487,21 @@ def test_five_failed_auths_close_the_session(tls_relay: RelayProc) -> None:
         code, _ = c.docmd("AUTH", "PLAIN AGFsaWNlAGd1ZXNz")
         assert code == 535
         assert c.getreply()[0] == 421
+
+
+def test_an_overlong_auth_line_gets_a_reply_not_an_internal_error(
+        tls_relay: RelayProc) -> None:
+    with tls_relay.smtp() as c:
+        sid = tls_relay.session_for(c)
+        c.starttls(context=_client_ctx())
+        c.ehlo()
+        assert c.docmd("AUTH", "LOGIN")[0] == 334
+        c.send(b"A" * 10_000 + b"\r\n")
+        code, msg = c.getreply()
+        assert (code, msg[:5]) == (500, b"5.5.6")
+        assert c.noop()[0] == 250  # the session goes on
+    tls_relay.wait_event("disconnect", session=sid)
+    assert not tls_relay.events("internal_error", session=sid)
 
 
 def test_plaintext_sent_behind_starttls_is_discarded(tls_relay: RelayProc) -> None:
