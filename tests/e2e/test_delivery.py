@@ -95,8 +95,9 @@ def world(bed: DnsBed) -> None:
     host(bed, "expired.test", IP["expired"], tlsa=ta_record)
     host(bed, "early.test", IP["early"], tlsa=ta_record)
     host(bed, "ascii.test", IP["ascii"])
-    # The MX is this relay itself (its listener is on 127.0.0.1:PORT).
+    # The MX is this relay itself (its listener is on 127.0.0.1:PORT), also as 0.0.0.0.
     host(bed, "loop.test", "127.0.0.1")
+    host(bed, "zero.test", "0.0.0.0")
 
 
 dnsbed = dnsbed_fixture(world)
@@ -393,10 +394,12 @@ def test_null_sender_is_never_sent_an_ndr(relay: RelayProc,
     assert not [m for m in boxes if qid.encode() in m.body]
 
 
-def test_mx_pointing_at_the_relay_itself_is_a_loop(relay: RelayProc) -> None:
-    qid = submit(relay, ["bob@loop.test"])
-    ev = final(relay, qid, "bob@loop.test", timeout=10)
+@pytest.mark.parametrize("domain", ["loop.test", "zero.test"])
+def test_mx_pointing_at_the_relay_itself_is_a_loop(relay: RelayProc, domain: str) -> None:
+    qid = submit(relay, [f"bob@{domain}"])
+    ev = final(relay, qid, f"bob@{domain}", timeout=10)
     assert ev["event"] == "bounced" and ev["code"] == "5.4.6"
+    assert len(relay.events("received")) < 200  # no copy of it came back in
 
 
 def test_metrics_count_what_happened_and_nothing_failed_inside(relay: RelayProc) -> None:
