@@ -19,6 +19,7 @@ failure wins) are relay.verdict's, shared with `relay check` so both reach the s
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
 import itertools
@@ -35,6 +36,7 @@ from relay.config import Config
 from relay.connpool import SessionPool
 from relay.destination import plan_destination
 from relay.errors import SmtpClientError, TlsError
+from relay.log import event
 from relay.model import Outcome, TlsRequirement
 from relay.policy import DomainPlan, HostPlan, PlanAction, shuffle_equal_preference
 from relay.resolve import Resolver
@@ -305,9 +307,16 @@ class Deliverer:
             except SmtpClientError as exc:
                 sess.close()
                 return self._failure(host, ip, exc, req, sess.local_ip)
-            except BaseException:
+            except asyncio.CancelledError:
                 sess.close()
                 raise
+            except Exception as exc:  # a bug or a server we did not foresee: this host
+                sess.close()          # fails, the next one is tried
+                event("internal_error", level="error", mx=host.name, ip=ip,
+                      error=f"{type(exc).__name__}: {exc}")
+                out = classify.local("4.3.0", f"{host.name} [{ip}]: {type(exc).__name__}")
+                return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
+                                                security="failed", local_ip=sess.local_ip))
             if isinstance(opened, _Opened):
                 await self._release(key, sess, opened, result)
             else:

@@ -364,3 +364,12 @@ def test_peer_chain_variants() -> None:
     assert peer_chain(_New()) == [b"leaf", b"ca"]  # type: ignore[arg-type]
     assert peer_chain(_LeafOnly()) == [b"leaf"]  # type: ignore[arg-type]
     assert peer_chain(_Resumed()) == [b"leaf"]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("value", "size"), [
+    ("SIZE 1000", 1000), ("SIZE", None), ("SIZE 0", None), ("SIZE \u00b2", None),
+    ("SIZE \u0661\u0662", None), ("SIZE -5", None), ("SIZE 1e9", None), ("SIZE " + "9" * 21, None),
+])
+def test_ehlo_size_is_parsed_strictly(value: str, size: int | None) -> None:
+    reply = p.Reply(250, None, f"mx.test\n{value}", ("mx.test", value))
+    assert p.parse_ehlo(reply).size == size
