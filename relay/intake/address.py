@@ -13,6 +13,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from relay.idn import label_to_ascii
+
 MAX_LOCAL = 64  # octets, RFC 5321 §4.5.3.1.1
 MAX_DOMAIN = 255  # octets, §4.5.3.1.2
 MAX_PATH = 256  # octets including the angle brackets, §4.5.3.1.3
@@ -181,10 +183,10 @@ def _domain(domain: str, role: str) -> Refusal | bool:
         if any(_control(ch) for ch in label):
             return _bad(role, "bad domain")
         try:
-            encoded = label.encode("idna")
-        except UnicodeError:
+            encoded = label_to_ascii(label)  # IDNA2008: faß.de is not fass.de
+        except ValueError:
             return _bad(role, "bad internationalized domain label")
-        if not _LABEL.match(encoded.decode("ascii")):
+        if not _LABEL.match(encoded):
             return _bad(role, "bad internationalized domain label")
     return False
 

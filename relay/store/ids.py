@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import secrets
 
+from relay.idn import label_to_ascii
+
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 ID_LENGTH = 16
 _TS_CHARS, _CTR_CHARS, _RND_CHARS = 11, 2, 3
@@ -90,7 +92,7 @@ def recipient_domain(address: str) -> str:
             labels.append(label.lower())
             continue
         try:
-            labels.append(label.encode("idna").decode("ascii").lower())
-        except UnicodeError:
+            labels.append(label_to_ascii(label))
+        except ValueError:
             labels.append(label.lower())
     return ".".join(labels)

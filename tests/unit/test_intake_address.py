@@ -95,3 +95,21 @@ def test_parameters() -> None:
 def test_non_ascii_is_flagged_for_the_smtputf8_check() -> None:
     assert not ok("<jörg@example.com>").mailbox.ascii  # type: ignore[union-attr]
     assert ok("<j@example.com>").mailbox.ascii  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("address", "domain"), [
+    ("u@faß.de", "xn--fa-hia.de"),  # IDNA2008: not fass.de
+    ("u@βόλος.gr", "xn--nxasmm1c.gr"),
+    ("u@Bücher.example", "xn--bcher-kva.example"),
+])
+def test_internationalized_domains_use_idna2008(address: str, domain: str) -> None:
+    from relay.store import recipient_domain
+
+    assert recipient_domain(address) == domain
+
+
+def test_a_zero_width_joiner_in_a_domain_is_refused() -> None:
+    from relay.intake.address import parse_mailbox
+
+    assert isinstance(parse_mailbox("u@a\u200db.example"), Refusal)
+    assert not isinstance(parse_mailbox("u@ab.example"), Refusal)
