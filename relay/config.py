@@ -201,7 +201,8 @@ class DaneConfig(_Section):
     """Fail an expired DANE-EE(3) leaf with 4.7.322 (the RFC says not to check; the source
     service does)."""
     max_records: int = Field(20, ge=1)
-    """TLSA records considered per host."""
+    """DANE-TA records tried for path building per host (in a fixed order); DANE-EE
+    records are all checked (one digest each)."""
     max_chain_length: int = Field(10, ge=1)
     """Certificates of a presented chain considered."""
 

@@ -455,9 +455,6 @@ def verify(
     names = [names] if isinstance(names, str) else list(names)
     notes: list[str] = []
     raw = list(records)
-    if len(raw) > max_records:
-        notes.append(f"ignored {len(raw) - max_records} records beyond max_records={max_records}")
-        raw = raw[:max_records]
     good = [r for r in (as_record(x) for x in raw) if r is not None and usable(r)]
     if not good:
         return Verdict(False, None, False,
@@ -465,6 +462,16 @@ def verify(
     tried = digest_agility(good)
     if len(tried) < len(good):
         notes.append(f"{len(good) - len(tried)} weaker-digest records ignored (RFC 7671 §9)")
+    # DANE-EE is one digest per record: every record is checked, so the verdict never
+    # depends on the (arbitrary) order of the RRset. Path building for DANE-TA is the
+    # costly part: only `max_records` of those, in a fixed order, are tried.
+    ta_records = sorted((r for r in tried if r.usage == DANE_TA),
+                        key=lambda r: (r.selector, r.mtype, r.data))
+    if len(ta_records) > max_records:
+        notes.append(f"ignored {len(ta_records) - max_records} DANE-TA records beyond "
+                     f"max_records={max_records}")
+        ta_records = ta_records[:max_records]
+    tried = [r for r in tried if r.usage == DANE_EE] + ta_records
 
     ders = [bytes(d) for d in chain]
     if len(ders) > max_chain:

@@ -661,18 +661,36 @@ def test_parse_tlsa_rdata_round_trips_dnspython_wire() -> None:
 # --- bounds ------------------------------------------------------------------------------------
 
 
-def test_max_records() -> None:
+def test_every_dane_ee_record_is_checked_whatever_the_order() -> None:
+    """DANE-EE is one digest per record: no bound applies, so the verdict never depends
+    on the order of the RRset (DNS order is arbitrary and resolvers rotate it)."""
     server = leaf()
-    noise = [rec(3, 1, 1, leaf()) for _ in range(3)]
-    records = [*noise, rec(3, 1, 1, server)]
-    v = verify(records, chain(server), [HOST], NOW, max_records=3)
-    assert (v.ok, v.code) == (False, INVALID)
-    assert "ignored 1 records beyond max_records=3" in v.reason
-    assert verify(records, chain(server), [HOST], NOW, max_records=4).ok
-    # The default bound is 20.
-    many = [*(noise * 7), rec(3, 1, 1, server)]  # 21 records
-    assert not verify(many, chain(server), [HOST], NOW).ok
-    assert verify(many[-20:], chain(server), [HOST], NOW).ok
+    noise = [rec(3, 1, 1, leaf()) for _ in range(24)]
+    for records in ([*noise, rec(3, 1, 1, server)], [rec(3, 1, 1, server), *noise]):
+        v = verify(records, chain(server), [HOST], NOW, max_records=3)
+        assert v.ok and v.depth == 0
+
+
+def test_max_records_bounds_dane_ta_path_building_in_a_fixed_order() -> None:
+    import itertools
+
+    root = ca("Bound root")
+    inter = ca("Bound intermediate", issuer=root)
+    server = leaf(issuer=inter)
+    match = rec(2, 0, 1, inter)
+    others: list[TlsaRecord] = []
+    while len(others) < 3:  # records that sort before the matching one
+        other = rec(2, 0, 1, ca(f"Other {len(others)}"))
+        if other.data < match.data:
+            others.append(other)
+    records = [*others, match]
+    verdicts = {(v.ok, v.code) for v in (
+        verify(list(order), chain(server, inter), [HOST], NOW, max_records=3)
+        for order in itertools.permutations(records))}
+    assert verdicts == {(False, INVALID)}  # the same answer for every order of the RRset
+    v = verify(records, chain(server, inter), [HOST], NOW, max_records=3)
+    assert "ignored 1 DANE-TA records beyond max_records=3" in v.reason
+    assert verify(records, chain(server, inter), [HOST], NOW, max_records=4).ok
 
 
 def test_max_chain() -> None:
