@@ -503,24 +503,38 @@ def _ede_text(e: Ede) -> str:
 
 
 async def check_validating(resolver: Resolver) -> ValidationProbe:
-    """Prove that the resolver validates: `. DNSKEY` must come back with AD.
+    """Prove that the resolver validates: `. DNSKEY` must come back with AD — from every
+    configured nameserver, since a lookup that times out on one is answered by the next
+    (a non-validating server in the list would silently turn DANE off for that answer).
 
-    Sets `resolver.last_probe` (reused by `Resolver.validation()`); logging the result
-    (`resolver_check`) is the caller's job (relay.ops.ResolverProbe, relay check).
-    Never raises."""
-    answer = await resolver.query(".", "DNSKEY", use_cache=False)
-    servers = ", ".join(f"{h}:{p}" for h, p in resolver.nameservers)
-    if answer.rcode is Rcode.OK and answer.secure:
-        probe = ValidationProbe(True, f"resolver {servers} validates DNSSEC "
-                                      "(. DNSKEY answered with AD)")
-    elif answer.rcode is Rcode.OK:
-        probe = ValidationProbe(False, f"resolver {servers} answered . DNSKEY WITHOUT the AD "
-                                       "bit: it does not validate DNSSEC, so DANE cannot be "
-                                       "enforced")
+    Validating: at least one server answered with AD and none answered without it (an
+    unreachable server is reported but answers nothing). Sets `resolver.last_probe`
+    (reused by `Resolver.validation()`); logging the result (`resolver_check`) is the
+    caller's job (relay.ops.ResolverProbe, relay check). Never raises."""
+    results = []
+    for server in resolver.nameservers:
+        single = Resolver([server], timeout=resolver.timeout, max_records=resolver.max_records,
+                          on_query=resolver.on_query)
+        answer = await single.query(".", "DNSKEY", use_cache=False)
+        resolver.wire_queries += single.wire_queries
+        results.append((f"{server[0]}:{server[1]}", answer))
+    good = [name for name, a in results if a.rcode is Rcode.OK and a.secure]
+    plain = [name for name, a in results if a.rcode is Rcode.OK and not a.secure]
+    down = [(name, a) for name, a in results if a.rcode is not Rcode.OK]
+    if good and not plain:
+        detail = f"resolver {', '.join(good)} validates DNSSEC (. DNSKEY answered with AD)"
+        if down:
+            detail += "; not answering: " + ", ".join(n for n, _ in down)
+        probe = ValidationProbe(True, detail)
+    elif plain:
+        probe = ValidationProbe(False, f"resolver {', '.join(plain)} answered . DNSKEY "
+                                       "WITHOUT the AD bit: it does not validate DNSSEC, so "
+                                       "DANE cannot be enforced")
     else:
-        probe = ValidationProbe(False, f"resolver {servers} did not answer the . DNSKEY "
-                                       f"probe ({answer.rcode}: {answer.reason})",
-                                reachable=answer.rcode is not Rcode.TIMEOUT)
+        reasons = "; ".join(f"{n}: {a.rcode}: {a.reason}" for n, a in down)
+        probe = ValidationProbe(False, f"resolver did not answer the . DNSKEY probe "
+                                       f"({reasons})",
+                                reachable=any(a.rcode is not Rcode.TIMEOUT for _, a in down))
     resolver.last_probe = probe
     resolver._probe_at = resolver.clock()
     return probe

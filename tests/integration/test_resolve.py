@@ -284,3 +284,16 @@ async def test_cache_size_is_bounded(dnsbed: DnsBed) -> None:
     assert len(sent) == 4  # the first entry was evicted by the third
     await r.query("stale.sec.test", "A")
     assert len(sent) == 4
+
+
+async def test_probe_asks_every_configured_nameserver(dnsbed: DnsBed) -> None:
+    """A lookup that times out on the first nameserver is answered by the next: every one
+    of them must validate, or DANE would silently be off for those answers."""
+    assert dnsbed.nonvalidating_resolver is not None
+    mixed = Resolver([dnsbed.resolver, dnsbed.nonvalidating_resolver], timeout=2.0)
+    probe = await check_validating(mixed)
+    nv = f"{dnsbed.nonvalidating_resolver[0]}:{dnsbed.nonvalidating_resolver[1]}"
+    assert not probe.validating and nv in probe.detail and "WITHOUT the AD" in probe.detail
+    with_dead = Resolver([dnsbed.resolver, dnsbed.dead_resolver], timeout=1.0)
+    probe = await check_validating(with_dead)
+    assert probe.validating and "not answering" in probe.detail
