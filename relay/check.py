@@ -265,7 +265,7 @@ def build_report(domain: str, cfg: Config, probe: ValidationProbe, resolver: Res
         "code_text": codetable.text(code) if code else None,
         "reply": failure.reply if failure else None,
         "deliverable": kind in DELIVERING,
-        "connected": connect,
+        "connected": any(r.addresses for r in results),  # an SMTP connection was tried
         "checked_at": now.isoformat(timespec="seconds"),
         "resolver": {
             "nameservers": [f"{h}:{p}" for h, p in resolver.nameservers],

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="end the period now and send without the random delay")
     trn.add_argument("--json", action="store_true")
 
-    pw = sub.add_parser("passwd", help="print a users-file line for listener.users_file")
+    pw = sub.add_parser("passwd", parents=[common],
+                        help="print a users-file line for listener.users_file")
     pw.add_argument("user")
     return ap
 

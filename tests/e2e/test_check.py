@@ -440,6 +440,7 @@ def test_resolver_down_defers_4_4_312(runs: dict[str, Run]) -> None:
     r = runs["dead"]
     d = r.data
     assert r.rc == 1 and (d["verdict"], d["code"]) == ("defer", "4.4.312")
+    assert d["connected"] is False and d["hosts"] == []
     assert d["resolver"]["validating"] is False and d["resolver"]["reachable"] is False
     assert d["advice"]["who"] == "relay-operator" and "dns.nameservers" in d["advice"]["operator"]
     assert "did not answer" in runs["dead-text"].out

@@ -175,7 +175,8 @@ def test_passwd_prints_a_verifiable_scrypt_line() -> None:
     assert user == "dave" and encoded.startswith("$scrypt$n=16384,r=8,p=1$")
     assert verify_password("pässword".encode(), encoded)
     assert not verify_password(b"password", encoded)
-    again = subprocess.run([sys.executable, "-m", "relay", "passwd", "dave"],
+    again = subprocess.run([sys.executable, "-m", "relay", "passwd", "dave", "-c",
+                            str(Path(__file__).resolve().parents[2] / "config/relay.toml")],
                            input="pässword\n", capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert again.stdout != out.stdout  # a fresh salt every time
