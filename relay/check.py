@@ -25,6 +25,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Mapping
@@ -38,8 +39,9 @@ from relay.config import Config
 from relay.delivery import DeliverySettings
 from relay.destination import answer_dict, plan_destination
 from relay.errors import SmtpClientError, TlsError
+from relay.idn import to_ascii
 from relay.model import Action, Outcome, TlsRequirement
-from relay.policy import DomainPlan, HostPlan, PlanAction
+from relay.policy import DomainPlan, HostPlan, PlanAction, is_ip
 from relay.resolve import Resolver, ValidationProbe, check_validating
 from relay.smtp.client import SmtpSession, Timeouts, TlsInfo
 
@@ -361,11 +363,31 @@ def use_colour(stream: Any = None, environ: Mapping[str, str] | None = None) -> 
     return bool(isatty and isatty())
 
 
+_LDH = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def domain_problem(domain: str) -> str | None:
+    """Why `domain` is not a mail domain the relay could deliver to, or None."""
+    name = domain.strip().rstrip(".")
+    if not name:
+        return "give a domain name"
+    if name.startswith("[") or is_ip(name):
+        return f"{domain!r} is an address, not a domain name"
+    try:
+        ascii_name = to_ascii(name)
+    except ValueError as exc:
+        return f"{domain!r} is not a valid domain name ({exc})"
+    labels = ascii_name.split(".")
+    if len(ascii_name) > 253 or not all(_LDH.fullmatch(label) for label in labels):
+        return f"{domain!r} is not a valid domain name"
+    return None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = configmod.load(getattr(args, "config", None))
-    if not args.domain.strip().rstrip("."):
-        print("relay: check: give a domain name, e.g. relay check example.org",
-              file=sys.stderr)
+    problem = domain_problem(args.domain)
+    if problem:
+        print(f"relay: check: {problem}, e.g. relay check example.org", file=sys.stderr)
         return 2
     connect = not getattr(args, "no_connect", False)
     report = asyncio.run(run_check(args.domain, cfg, connect=connect))

@@ -78,8 +78,10 @@ def scope_of(phase: str, code: int | None = None) -> Scope:
     return PHASES.get(phase.strip().lower(), Scope.SITE)
 
 
-def _default_enhanced(cls: str, phase: str) -> str:
+def _default_enhanced(cls: str, phase: str, code: int = 0) -> str:
     phase = phase.strip().lower()
+    if code == 421:  # the server is closing the channel, whatever the command
+        return "4.3.0"
     if cls == "2":
         return {"rcpt": "2.1.5", "mail": "2.1.0"}.get(phase, "2.0.0")
     if phase in ("rcpt", "mail"):
@@ -116,7 +118,7 @@ def from_reply(phase: str, code: int, enhanced: str | None, text: str) -> Outcom
     if found:
         status = f"{cls}.{found.partition('.')[2]}"
     else:
-        status = _default_enhanced(cls, phase)
+        status = _default_enhanced(cls, phase, code)
 
     action = {"2": Action.DELIVERED, "4": Action.DEFERRED, "5": Action.BOUNCED}[cls]
     return Outcome(action, status, reply, scope_of(phase, code))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,13 @@ from relay.store import MessageInfo, Stats, Store, iso
 T = TypeVar("T")
 
 
+_QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
+
+
 def _run(args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]]) -> T:
+    qid = getattr(args, "id", None)
+    if qid is not None and not _QUEUE_ID.fullmatch(qid):
+        raise NotFound(f"not a queue id: {ascii(qid)[:100]}")
     cfg = configmod.load(getattr(args, "config", None))
     # stdout carries the command's output; store warnings go to stderr.
     log.configure(fmt="json", level="warning", stream=sys.stderr)

@@ -325,7 +325,8 @@ class SmtpSession:
             raise self._error("tls", f"TLS handshake timeout after {t.tls:g}s",
                               TlsError) from None
         except (OSError, ssl.SSLError, ConnectionError) as exc:
-            raise self._error("tls", f"TLS handshake failed: {exc}", TlsError) from None
+            why = str(exc) or type(exc).__name__  # an EOF has no text of its own
+            raise self._error("tls", f"TLS handshake failed: {why}", TlsError) from None
         if new is None:  # pragma: no cover - only for a transport that is already closing
             raise self._error("tls", "TLS handshake failed: connection closed", TlsError)
         assert isinstance(new, asyncio.Transport)

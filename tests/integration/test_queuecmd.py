@@ -271,3 +271,13 @@ def test_commands_work_while_another_process_writes(queue: Queue, holder: subpro
     later = json.loads(relay(queue.cfg, "list", "--json").stdout)
     assert len([m for m in later if m["sender"] == "held@example.org"]) == int(done[1])
     assert queue.deferred not in {m["id"] for m in later}
+
+
+def test_malformed_ids_are_refused_before_the_database(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(f'[queue]\npath = "{tmp_path / "none.db"}"\n')
+    for bad in ("1 OR 1=1", "a" * 65, "x/../y", "\u00e9t\u00e9"):
+        r = subprocess.run([sys.executable, "-m", "relay", "queue", "show", bad, "-c",
+                            str(cfg)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and "not a queue id" in r.stderr, r.stderr
+    assert not (tmp_path / "none.db").exists()

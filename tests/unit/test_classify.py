@@ -93,7 +93,8 @@ def test_text_that_only_looks_like_a_code_is_not_taken() -> None:
     ("phase", "code", "expected"),
     [("rcpt", 550, "5.1.0"), ("rcpt", 450, "4.1.0"), ("mail", 553, "5.1.0"),
      ("data", 554, "5.0.0"), ("dot", 451, "4.0.0"), ("greeting", 554, "5.0.0"),
-     ("ehlo", 421, "4.0.0"), ("rcpt", 250, "2.1.5"), ("mail", 250, "2.1.0"),
+     ("ehlo", 421, "4.3.0"), ("rcpt", 421, "4.3.0"), ("rcpt", 250, "2.1.5"),
+     ("mail", 250, "2.1.0"),
      ("dot", 250, "2.0.0")],
 )
 def test_default_enhanced_by_phase(phase: str, code: int, expected: str) -> None:
