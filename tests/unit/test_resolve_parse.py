@@ -1,4 +1,4 @@
-"""relay.resolve.parse_reply and friends on hand-built wire responses (no sockets)."""
+"""relay.dnswire.parse_reply and friends on hand-built wire responses (no sockets)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
+from relay.dnswire import extract_ede, parse_reply, parse_tlsa_rdata, raw_answer_rrs
 from relay.model import Ede, MxRecord, Rcode, TlsaRecord
-from relay.resolve import Resolver, extract_ede, parse_reply, parse_tlsa_rdata, raw_answer_rrs
+from relay.resolve import Resolver
 
 IN = dns.rdataclass.IN
 DIGEST = hashlib.sha256(b"spki").digest()
