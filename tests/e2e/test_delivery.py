@@ -12,14 +12,8 @@ and 3 s after arrival: relay.retry.planned_attempts) and then bounces with an ND
 from __future__ import annotations
 
 import datetime as dt
-import email
-import email.policy
-import json
-import subprocess
-import sys
-import uuid
+import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,10 +21,19 @@ import pytest
 from relay import retry
 from tests.support.certs import Issued, make_ca, make_leaf
 from tests.support.dnsbed import DnsBed, dnsbed_fixture
-from tests.support.relayproc import RelayProc, deep_merge, default_config
+from tests.support.e2e import (
+    delivering_relay,
+    delivery_status,
+    final,
+    message_for,
+    recipient,
+    running,
+    show,
+    submit,
+)
+from tests.support.relayproc import RelayProc
 from tests.support.smtpd import Destination, shared_port
 
-ROOT = Path(__file__).resolve().parents[2]
 SCHEDULE, LIFETIME = ["1s"], "3s"
 ATTEMPTS = retry.planned_attempts([1.0], 3.0)
 
@@ -127,104 +130,23 @@ def dests() -> Iterator[dict[str, Destination]]:
         "early": Destination(IP["early"], PORT, tls=(CERTS["early"], chain)),
         "ascii": Destination(IP["ascii"], PORT, smtputf8=False),
     }
-    for d in made.values():
-        d.start()
-    yield made
-    for d in made.values():
-        d.stop()
+    with running(made):
+        yield made
 
 
 @pytest.fixture(scope="module")
 def relay(dnsbed: DnsBed, dests: dict[str, Destination],
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProc]:
-    work = tmp_path_factory.mktemp("relay-e2e")
-    config = deep_merge(default_config(work), {
-        "listener": {"port": PORT},
-        "dns": {"nameservers": [dnsbed.nameserver], "timeout": "3s"},
-        "delivery": {"enabled": True, "port": PORT, "retry_schedule": SCHEDULE,
-                     "max_lifetime": LIFETIME, "poll_interval": "0.2s",
-                     "connect_timeout": "2s", "greeting_timeout": "5s"},
-        "ndr": {"postmaster": "pm@postmaster.test"},
-        "metrics": {"listen": "127.0.0.1:0"},
-    })
-    proc = RelayProc(work, config)
-    proc.start()
-    proc.wait_event("resolver_check", validating=True, timeout=15)
-    yield proc
-    proc.stop()
-
-
-def queue_id_for(relay: RelayProc, mark: int) -> str:
-    return str(relay.wait_event("received", after=mark)["id"])
-
-
-def submit(relay: RelayProc, rcpts: list[str], sender: str = "alice@senderbox.test") -> str:
-    mark = relay.mark()
-    tag = uuid.uuid4().hex[:8]
-    body = (f"From: <{sender}>\r\nTo: <{rcpts[0]}>\r\nSubject: test {tag}\r\n"
-            f"Message-ID: <{tag}@client.test>\r\n\r\nHello {tag}\r\n.leading dot\r\n")
-    with relay.smtp() as client:
-        client.sendmail(sender, rcpts, body.encode())
-    return queue_id_for(relay, mark)
-
-
-def show(relay: RelayProc, qid: str) -> dict[str, Any]:
-    r = subprocess.run([sys.executable, "-m", "relay", "queue", "show", qid, "--json",
-                        "-c", str(relay.config_path)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=30)
-    assert r.returncode == 0, r.stderr
-    return dict(json.loads(r.stdout))
-
-
-def final(relay: RelayProc, qid: str, rcpt: str, timeout: float = 20) -> dict[str, Any]:
-    """Wait for the recipient's final event (delivered / bounced / expired)."""
-    for name in ("delivered", "bounced", "expired"):
-        found = relay.events(name, id=qid, recipient=rcpt)
-        if found:
-            return found[0]
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for name in ("delivered", "bounced", "expired"):
-            found = relay.events(name, id=qid, recipient=rcpt)
-            if found:
-                return found[0]
-        time.sleep(0.1)
-    raise AssertionError(f"{rcpt} of {qid} not final within {timeout}s:\n"
-                         + "\n".join(relay.lines[-30:]))
-
-
-def recipient(info: dict[str, Any], address: str) -> dict[str, Any]:
-    return next(r for r in info["recipients"] if r["address"] == address)
+    with delivering_relay(tmp_path_factory.mktemp("relay-e2e"), dnsbed.nameserver, PORT,
+                          listener={"port": PORT},
+                          delivery={"retry_schedule": SCHEDULE, "max_lifetime": LIFETIME},
+                          ndr={"postmaster": "pm@postmaster.test"},
+                          metrics={"listen": "127.0.0.1:0"}) as proc:
+        yield proc
 
 
 def ndr_for(dests: dict[str, Destination], qid: str, box: str = "senderbox") -> Any:
-    for msg in dests[box].wait_messages(1, timeout=20):
-        if qid.encode() in msg.body:
-            return msg
-    import time
-
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        for msg in dests[box].messages:
-            if qid.encode() in msg.body:
-                return msg
-        time.sleep(0.1)
-    raise AssertionError(f"no NDR for {qid} in {box}")
-
-
-def delivery_status(msg: Any) -> list[dict[str, str]]:
-    parsed = email.message_from_bytes(msg.body, policy=email.policy.default)
-    assert parsed.get_content_type() == "multipart/report"
-    assert parsed.get_param("report-type") == "delivery-status"
-    assert parsed["Auto-Submitted"] == "auto-replied"
-    parts = list(parsed.iter_parts())
-    ds = next(p for p in parts if p.get_content_type() == "message/delivery-status")
-    blocks = []
-    for block in ds.get_payload():
-        blocks.append({k.lower(): str(v) for k, v in block.items()})
-    return blocks
+    return message_for(dests[box], qid)
 
 
 # --- the scenarios ----------------------------------------------------------------------
@@ -285,8 +207,6 @@ def test_mismatch_is_retried_then_bounced_with_one_ndr(relay: RelayProc,
     assert "tlsa-invalid" in rcpt["diagnostic-code"]
     assert "last-attempt-date" in rcpt
     # Exactly one NDR for this message.
-    import time
-
     time.sleep(1.5)
     assert sum(qid.encode() in m.body for m in dests["senderbox"].messages) == 1
 
@@ -386,8 +306,6 @@ def test_null_sender_is_never_sent_an_ndr(relay: RelayProc,
                                           dests: dict[str, Destination]) -> None:
     qid = submit(relay, ["bob@nullmx.test"], sender="")
     assert final(relay, qid, "bob@nullmx.test", timeout=10)["code"] == "5.1.10"
-    import time
-
     time.sleep(1.0)
     assert not relay.events("ndr_sent", id=qid)
     boxes = dests["senderbox"].messages + dests["postmaster"].messages

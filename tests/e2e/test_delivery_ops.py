@@ -11,22 +11,18 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.support.certs import make_ca, make_leaf
 from tests.support.dnsbed import DnsBed, dnsbed_fixture
-from tests.support.relayproc import RelayProc, deep_merge, default_config
+from tests.support.e2e import cli, delivering_relay, running, submit, wait_for
+from tests.support.relayproc import RelayProc
 from tests.support.smtpd import Destination, shared_port
 
-ROOT = Path(__file__).resolve().parents[2]
 IP = {name: f"127.25.7.{i}" for i, name in enumerate(
     ["corp", "routed", "later", "senderbox", "pmbox", "slow"], start=1)}
 PORT = shared_port([*IP.values(), "127.0.0.1"])
@@ -53,59 +49,23 @@ dnsbed = dnsbed_fixture(world)
 def dests() -> Iterator[dict[str, Destination]]:
     made = {name: Destination(IP[name], PORT, tls=(CERTS[name], [CA])) for name in IP}
     made["later"].replies["rcpt:bob@later.test"] = (451, "4.3.0 try again later")
-    for d in made.values():
-        d.start()
-    yield made
-    for d in made.values():
-        d.stop()
+    with running(made):
+        yield made
 
 
 @pytest.fixture(scope="module")
 def relay(dnsbed: DnsBed, dests: dict[str, Destination],
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProc]:
-    work = tmp_path_factory.mktemp("relay-ops")
-    config = deep_merge(default_config(work), {
-        "dns": {"nameservers": [dnsbed.nameserver], "timeout": "3s"},
-        "delivery": {"enabled": True, "port": PORT, "retry_schedule": ["1h"],
-                     "max_lifetime": "1d", "poll_interval": "0.2s", "lease": "3s",
-                     "connect_timeout": "2s"},
-        "ndr": {"postmaster": "pm@pmbox.test", "delay_warning": "1s"},
-        "routes": [
+    with delivering_relay(
+        tmp_path_factory.mktemp("relay-ops"), dnsbed.nameserver, PORT,
+        delivery={"retry_schedule": ["1h"], "max_lifetime": "1d", "lease": "3s"},
+        ndr={"postmaster": "pm@pmbox.test", "delay_warning": "1s"},
+        routes=[
             {"domain": "corp.test", "hosts": [f"{IP['corp']}:{PORT}"], "tls": "encrypt"},
             {"domain": ".dane-route.test", "hosts": [f"mx.routed.test:{PORT}"]},
         ],
-    })
-    proc = RelayProc(work, config)
-    proc.start()
-    proc.wait_event("resolver_check", validating=True, timeout=15)
-    yield proc
-    if proc.running:
-        proc.stop()
-
-
-def submit(relay: RelayProc, rcpts: list[str], sender: str = "alice@senderbox.test",
-           tag: str | None = None) -> str:
-    mark = relay.mark()
-    tag = tag or uuid.uuid4().hex[:8]
-    body = f"From: <{sender}>\r\nSubject: {tag}\r\n\r\nbody {tag}\r\n"
-    with relay.smtp() as client:
-        client.sendmail(sender, rcpts, body.encode())
-    return str(relay.wait_event("received", after=mark)["id"])
-
-
-def cli(relay: RelayProc, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "relay", *args, "-c", str(relay.config_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=30)
-
-
-def wait_for(pred: Any, timeout: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    ) as proc:
+        yield proc
 
 
 def test_route_to_an_ip_hop_with_mandatory_tls(relay: RelayProc,

@@ -19,7 +19,6 @@ import gzip
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,7 +35,8 @@ from relay.resolve import Resolver
 from relay.tlsrpt_send import TlsReporter
 from tests.support.certs import Issued, make_ca, make_leaf, server_context
 from tests.support.dnsbed import DnsBed
-from tests.support.relayproc import RelayProc, deep_merge, default_config
+from tests.support.e2e import delivering_relay, submit
+from tests.support.relayproc import RelayProc
 from tests.support.smtpd import Destination, shared_port
 from tests.support.tlsrpt_check import validate_report
 
@@ -239,35 +239,18 @@ def relay(dnsbed: DnsBed, dests: dict[str, Destination], dkim_key: Dkim,
     work = tmp_path_factory.mktemp("relay-tlsrpt")
     ca_file = work / "collector-ca.pem"
     ca_file.write_bytes(WEB_CA.pem)
-    config = deep_merge(default_config(work), {
-        "listener": {"port": PORT},
-        "dns": {"nameservers": [dnsbed.nameserver], "timeout": "3s"},
-        "delivery": {"enabled": True, "port": PORT, "retry_schedule": ["1h"],
-                     "max_lifetime": "2h", "poll_interval": "0.2s",
-                     "connect_timeout": "2s", "greeting_timeout": "5s"},
-        "tlsrpt": {"enabled": True, "interval": "3s", "max_delay": 0,
-                   "retry_interval": "1s", "retry_lifetime": "3s", "https_timeout": "5s",
-                   "https_ca_file": str(ca_file), "organization_name": "Relay Test Org",
-                   "dkim_key_file": str(dkim_key.key_file), "dkim_selector": "rpt"},
-    })
-    proc = RelayProc(work, config)
-    proc.start()
-    proc.wait_event("resolver_check", validating=True, timeout=15)
-    yield proc
-    proc.stop()
+    with delivering_relay(
+        work, dnsbed.nameserver, PORT, listener={"port": PORT},
+        delivery={"retry_schedule": ["1h"], "max_lifetime": "2h"},
+        tlsrpt={"enabled": True, "interval": "3s", "max_delay": 0,
+                "retry_interval": "1s", "retry_lifetime": "3s", "https_timeout": "5s",
+                "https_ca_file": str(ca_file), "organization_name": "Relay Test Org",
+                "dkim_key_file": str(dkim_key.key_file), "dkim_selector": "rpt"},
+    ) as proc:
+        yield proc
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def submit(relay: RelayProc, rcpt: str) -> str:
-    mark = relay.mark()
-    tag = uuid.uuid4().hex[:8]
-    body = (f"From: <alice@senderbox.test>\r\nTo: <{rcpt}>\r\nSubject: t {tag}\r\n"
-            f"Message-ID: <{tag}@client.test>\r\n\r\nHello {tag}\r\n")
-    with relay.smtp() as client:
-        client.sendmail("alice@senderbox.test", [rcpt], body.encode())
-    return str(relay.wait_event("received", after=mark)["id"])
 
 
 def first_outcome(relay: RelayProc, qid: str, timeout: float = 20) -> dict[str, Any]:
@@ -342,7 +325,7 @@ def test_reports_count_exactly_the_sessions_made(
     qids = {}
     for domain, n in SENDS.items():
         for i in range(n):
-            qids[f"{domain}#{i}"] = submit(relay, f"bob{i}@{domain}")
+            qids[f"{domain}#{i}"] = submit(relay, [f"bob{i}@{domain}"])
     for key, qid in qids.items():
         ev = first_outcome(relay, qid)
         assert ev["event"] == ("delivered" if key.startswith(("ok.", "nopol.", "plain."))
@@ -433,7 +416,7 @@ def test_report_mail_is_delivered_despite_broken_dane(relay: RelayProc) -> None:
     assert hist["mx"] == "mx.reports.test"
     assert "ignored for a TLS report" in hist["dane"]  # the TLSA mismatch was seen
     # The same domain's normal mail would be refused: DANE is not relaxed for it.
-    qid = submit(relay, "someone@reports.test")
+    qid = submit(relay, ["someone@reports.test"])
     ev = first_outcome(relay, qid)
     assert ev["event"] == "deferred" and ev["code"] == "4.7.323"
 
