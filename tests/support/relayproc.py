@@ -36,6 +36,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 NOT_ALLOWED_IP = "127.0.0.2"  # a loopback source outside the default allowed_networks
+LOOPBACK_NO_DNS = "127.0.0.1:9"  # nothing answers DNS there (discard port, closed)
 
 
 # --- a small TOML writer (enough for the relay's config) ---------------------------------
@@ -103,6 +104,9 @@ def default_config(workdir: Path) -> dict[str, Any]:
         "listener": {"host": "127.0.0.1", "port": 0, "hostname": "relay.test",
                      "allowed_networks": ["127.0.0.1/32"]},
         "queue": {"path": str(workdir / "queue" / "relay.db")},
+        # Tests never ask the machine's own resolver: the start-up probe goes to a closed
+        # loopback port (tests that resolve use the DNSSEC test bed's Unbound).
+        "dns": {"nameservers": [LOOPBACK_NO_DNS], "timeout": "1s"},
         "delivery": {"enabled": False},
         "log": {"format": "json", "level": "info"},
     }
