@@ -101,6 +101,7 @@ def test_container_config_relay_sees_a_validating_resolver(
         "RELAY_QUEUE__PATH": str(tmp_path / "spool" / "relay.db"),
         "RELAY_DNS__NAMESERVERS": f'["{ip}:{port}"]',
         "RELAY_METRICS__LISTEN": f"127.0.0.1:{metrics_port}",
+        "RELAY_LISTENER__HOSTNAME": "relay.test",  # no reverse lookup of this machine
     }
     relay = RelayProc(tmp_path, docker, env=env)
     relay.start()
