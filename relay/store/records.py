@@ -161,13 +161,9 @@ class MessageInfo:
         }
 
     def detail_json(self) -> dict[str, Any]:
-        """The `relay queue show --json` object."""
+        """The `relay queue show --json` object: the list element, with more fields."""
         return {
-            "id": self.id,
-            "sender": self.sender,
-            "received_at": iso(self.received_at),
-            "size": self.size,
-            "held": self.held,
+            **self.summary_json(),
             "smtputf8": self.smtputf8,
             "client_ip": self.client_ip,
             "client_helo": self.client_helo,
