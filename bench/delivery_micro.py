@@ -41,9 +41,9 @@ from delivery_bench import DOMAIN, MX, World
 from relay import dane
 from relay import log as relay_log
 from relay.config import build
-from relay.destination import plan_destination
+from relay.delivery.destination import plan_destination
+from relay.dns.resolve import Resolver
 from relay.model import Envelope, RecipientStatus
-from relay.resolve import Resolver
 from relay.smtp.client import SmtpSession, client_context
 from relay.store import AttemptTrace, JobResult, RecipientUpdate, Store
 

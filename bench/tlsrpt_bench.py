@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/tlsrpt_bench.py [--jobs 2000] [--workers 50] [--dir DIR]
 
-1. The pure part: `relay.tlsrpt.session_results` for one attempt (a DANE host that
+1. The pure part: `relay.tlsrpt.report.session_results` for one attempt (a DANE host that
    failed, then one that succeeded), in microseconds per call.
 2. The store: `workers` concurrent delivery workers each recording `jobs / workers`
    finished jobs (`Store.record`, as the scheduler does), without and with the TLS-RPT
@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 
 from relay import log
-from relay import tlsrpt as rpt
 from relay.config import build
-from relay.delivery import AttemptReport, HostAttempt
+from relay.dane.policy import DomainPlan, HostAddress, HostPlan, PlanAction
+from relay.delivery.trace import AttemptReport, HostAttempt
+from relay.dns.resolve import Resolver
 from relay.model import Envelope, RecipientStatus, TlsaRecord, TlsRequirement
-from relay.policy import DomainPlan, HostAddress, HostPlan, PlanAction
-from relay.resolve import Resolver
 from relay.store import AttemptTrace, JobResult, RecipientUpdate, Store
-from relay.tlsrpt_send import TlsReporter
+from relay.tlsrpt import report as rpt
+from relay.tlsrpt.reporter import TlsReporter
 
 REC = TlsaRecord(3, 1, 1, bytes(32))
 

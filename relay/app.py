@@ -25,14 +25,15 @@ from typing import Protocol
 from relay import __version__
 from relay import config as configmod
 from relay import log as relay_log
-from relay.auth import UserDb
 from relay.config import Config
-from relay.delivery import Deliverer, DeliverySettings
-from relay.listener import Intake, IntakeSettings, Listener, load_tls, load_users
+from relay.delivery.attempt import Deliverer, DeliverySettings
+from relay.delivery.scheduler import Scheduler
+from relay.dns.resolve import Resolver
+from relay.intake.auth import UserDb
+from relay.intake.core import Intake, IntakeSettings
+from relay.intake.listener import Listener, load_tls, load_users
 from relay.log import event
-from relay.ops import MetricsComponent, ResolverProbe
-from relay.resolve import Resolver
-from relay.scheduler import Scheduler
+from relay.ops.components import MetricsComponent, ResolverProbe
 from relay.store import Store
 
 DRAIN_TIMEOUT = 30.0  # seconds the first signal waits for open work before stopping
@@ -148,7 +149,7 @@ def build_components(cfg: Config, store: Store, *, tls: ssl.SSLContext | None,
     resolver = Resolver.from_config(cfg.dns)
     reporter = None
     if cfg.tlsrpt.enabled:
-        from relay.tlsrpt_send import TlsReporter
+        from relay.tlsrpt.reporter import TlsReporter
 
         reporter = TlsReporter(store, resolver, cfg, hostname=hostname)
     if cfg.delivery.enabled:

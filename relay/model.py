@@ -175,3 +175,25 @@ class Envelope:
     client_helo: str = ""
     auth_user: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+
+KIND_TLSRPT = "tlsrpt"  # Envelope.extra["kind"] of TLS report mail: DANE relaxed, never counted
+
+
+@dataclass(frozen=True)
+class SessionResult:
+    """One result to count: a successful or failed session for one policy."""
+
+    policy_domain: str
+    policy_type: str  # "tlsa" | "no-policy-found"
+    policy_strings: tuple[str, ...]  # the TLSA records, presentation format
+    mx_host: str
+    result_type: str = ""  # "" for success, else an RFC 8460 result type
+    sending_ip: str = ""
+    receiving_ip: str = ""
+    detail: str = ""  # failure-reason-code
+    count: int = 1
+
+    @property
+    def success(self) -> bool:
+        return not self.result_type

@@ -2,10 +2,10 @@
 
 Like Postfix's posttls-finger or the source service's connectivity analyzer: probe the
 resolver (`. DNSKEY` with AD), plan the destination exactly as delivery does
-(relay.destination: MX → A/AAAA → TLSA per SPEC's DANE rules), then, per address of every
+(relay.delivery.destination: MX → A/AAAA → TLSA per SPEC's DANE rules), then, per address of every
 usable host (in MX order), connect, EHLO, STARTTLS where the plan asks for it, match the
 presented chain against the TLSA records, EHLO again, and QUIT — never MAIL FROM.
-Every per-host decision comes from relay.verdict, the module delivery uses, so the code
+Every per-host decision comes from relay.delivery.verdict, the module delivery uses, so the code
 shown is the one delivery would record.
 
 The verdict: the first host in MX order that would take the mail decides
@@ -15,35 +15,30 @@ delivery would happen, 1 otherwise. Unlike delivery, which randomizes hosts of e
 preference, the check walks them in the plan's order, and waits at most
 CHECK_MAX_WAIT seconds per SMTP step.
 
-The report is one JSON-ready dict (`run_check`); relay.checkfmt renders it as text.
+The report is one JSON-ready dict (`run_check`); relay.check.render renders it as text.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
-import json
-import os
-import re
 import socket
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from relay import checkfmt, verdict
 from relay import codes as codetable
-from relay import config as configmod
+from relay.check import render as checkfmt
 from relay.config import Config
-from relay.delivery import DeliverySettings
-from relay.destination import answer_dict, plan_destination
+from relay.dane.policy import DomainPlan, HostPlan, PlanAction
+from relay.delivery import verdict
+from relay.delivery.attempt import DeliverySettings
+from relay.delivery.destination import answer_dict, plan_destination
+from relay.dns.resolve import Resolver, ValidationProbe, check_validating
 from relay.errors import SmtpClientError, TlsError
-from relay.idn import to_ascii
 from relay.model import Action, Outcome, TlsRequirement
-from relay.policy import DomainPlan, HostPlan, PlanAction, is_ip
-from relay.resolve import Resolver, ValidationProbe, check_validating
-from relay.smtp.client import SmtpSession, Timeouts, TlsInfo
+from relay.smtp.client import SmtpSession, Timeouts
+from relay.smtp.protocol import TlsInfo
 
 CHECK_MAX_WAIT = 60.0  # seconds per SMTP step (delivery waits up to the configured ones)
 PARALLEL = 8  # addresses probed at once
@@ -87,7 +82,7 @@ class AddressCheck:
 
 
 class AddressProbe:
-    """Delivery's per-address session (relay.delivery.Deliverer._try), ending in QUIT."""
+    """Delivery's per-address session (relay.delivery.attempt.Deliverer._try), ending in QUIT."""
 
     def __init__(self, settings: DeliverySettings, clock: Clock = _utcnow) -> None:
         self.settings = settings
@@ -348,53 +343,3 @@ def _address_dict(a: AddressCheck) -> dict[str, Any]:
         "plain_retry": a.plain_retry, "quit_before_mail": a.quit_before_mail,
         "steps": a.steps,
     }
-
-
-# --- the command ----------------------------------------------------------------------------
-
-
-def use_colour(stream: Any = None, environ: Mapping[str, str] | None = None) -> bool:
-    """ANSI colour only on a terminal, and never when NO_COLOR is set (no-color.org)."""
-    env = os.environ if environ is None else environ
-    stream = stream or sys.stdout
-    if env.get("NO_COLOR"):
-        return False
-    isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty())
-
-
-_LDH = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-
-
-def domain_problem(domain: str) -> str | None:
-    """Why `domain` is not a mail domain the relay could deliver to, or None."""
-    name = domain.strip().rstrip(".")
-    if not name:
-        return "give a domain name"
-    if name.startswith("[") or is_ip(name):
-        return f"{domain!r} is an address, not a domain name"
-    try:
-        ascii_name = to_ascii(name)
-    except ValueError as exc:
-        return f"{domain!r} is not a valid domain name ({exc})"
-    labels = ascii_name.split(".")
-    if len(ascii_name) > 253 or not all(_LDH.fullmatch(label) for label in labels):
-        return f"{domain!r} is not a valid domain name"
-    return None
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    cfg = configmod.load(getattr(args, "config", None))
-    problem = domain_problem(args.domain)
-    if problem:
-        print(f"relay: check: {problem}, e.g. relay check example.org", file=sys.stderr)
-        return 2
-    connect = not getattr(args, "no_connect", False)
-    report = asyncio.run(run_check(args.domain, cfg, connect=connect))
-    if getattr(args, "json", False):
-        print(json.dumps(report, indent=2))
-    else:
-        encoding = getattr(sys.stdout, "encoding", None) or ""
-        print(checkfmt.render(report, colour=use_colour(),
-                              unicode="utf" in encoding.lower()), end="")
-    return 0 if report["deliverable"] else 1

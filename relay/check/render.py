@@ -1,6 +1,6 @@
 """Pure parts of `relay check`: TLSA record status, chain facts, advice, text rendering.
 
-No I/O: relay.check gathers the facts and builds a JSON-ready report; this module explains
+No I/O: relay.check.probe gathers the facts and builds a JSON-ready report; this module explains
 records and certificates, says what the destination's administrator (or the relay's
 operator) should fix, and renders the report as text (ANSI colour when asked).
 """
@@ -18,9 +18,9 @@ from cryptography import x509
 from relay import codes as codetable
 from relay import dane
 from relay.config import format_duration
+from relay.dane.policy import HostPlan, tlsa_qname
+from relay.delivery.verdict import ChainCheck
 from relay.model import TlsaRecord, TlsRequirement
-from relay.policy import HostPlan, tlsa_qname
-from relay.verdict import ChainCheck
 
 USAGE = {0: "PKIX-TA", 1: "PKIX-EE", 2: "DANE-TA", 3: "DANE-EE"}
 SELECTOR = {0: "Cert", 1: "SPKI"}
@@ -206,7 +206,7 @@ def _owner(host: dict[str, Any]) -> str:
 
 
 def _detail(code: str, reply: str | None) -> str:
-    """The specific part of a reply built by relay.classify.local: "text (detail)"."""
+    """The specific part of a reply built by relay.delivery.classify.local: "text (detail)"."""
     reply = reply or ""
     text = codetable.text(code)
     if text and reply.startswith(text + " (") and reply.endswith(")"):

@@ -109,23 +109,23 @@ def _dispatch(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
     if args.command == "config":
         return cmd_config_check
     if args.command == "queue":
-        from relay import queuecmd
+        from relay.cli import queue as queuecmd
 
         return getattr(queuecmd, f"cmd_{args.queue_command}")
     if args.command == "check":
-        from relay.check import cmd_check
+        from relay.cli.check import cmd_check
 
         return cmd_check
     if args.command == "health":
-        from relay.ops import cmd_health
+        from relay.cli.health import cmd_health
 
         return cmd_health
     if args.command == "tlsrpt":
-        from relay import tlsrptcmd
+        from relay.cli import tlsrpt as tlsrptcmd
 
         return getattr(tlsrptcmd, f"cmd_{args.tlsrpt_command}")
     if args.command == "passwd":
-        from relay.auth import cmd_passwd
+        from relay.cli.passwd import cmd_passwd
 
         return cmd_passwd
     raise AssertionError(args.command)

@@ -20,11 +20,11 @@ from typing import Any
 
 from relay import config as configmod
 from relay import log
-from relay import tlsrpt as rpt
 from relay.config import Config
-from relay.resolve import Resolver
+from relay.dns.resolve import Resolver
 from relay.store import Store, iso
-from relay.tlsrpt_send import Settings, TlsReporter
+from relay.tlsrpt import report as rpt
+from relay.tlsrpt.reporter import Settings, TlsReporter
 
 
 def _hostname(cfg: Config) -> str:

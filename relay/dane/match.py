@@ -16,7 +16,6 @@ bare key from DNS the depth of the top-most certificate it signed.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -24,22 +23,29 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
-from cryptography.x509.oid import NameOID
 
 from relay.codes import CERT_EXPIRED, TLSA_INVALID
+from relay.dane.names import extension, leaf_names, name_matches
+from relay.dane.tlsa import (
+    CERT,
+    DANE_EE,
+    DANE_TA,
+    FULL,
+    RecordLike,
+    as_record,
+    digest,
+    digest_agility,
+    full_key,
+    label,
+    spki_der,
+    usable,
+)
 from relay.model import TlsaRecord
 
-DANE_TA, DANE_EE = 2, 3
-CERT, SPKI = 0, 1
-FULL, SHA2_256, SHA2_512 = 0, 1, 2
-_DIGEST_LEN = {SHA2_256: 32, SHA2_512: 64}
-_STRENGTH = {SHA2_256: 1, SHA2_512: 2}  # digest agility order: higher is stronger
 _MAX_STEPS = 2000  # DFS node expansions per verify() call (path building is bounded)
 _MAX_PATHS = 16  # candidate paths validated per trust anchor
 
-RecordLike = TlsaRecord | tuple[int, int, int, bytes]
 
 
 @dataclass(frozen=True)
@@ -58,122 +64,6 @@ class Verdict:
     depth: int | None = None
     matched: TlsaRecord | None = None
     reason: str = ""
-
-
-# --- records -----------------------------------------------------------------------------
-
-
-def parse_tlsa_rdata(wire: bytes) -> TlsaRecord | None:
-    """TLSA RDATA (RFC 6698 §2.1) -> record, lengths unchecked; None when shorter than 3."""
-    raw = bytes(wire)
-    if len(raw) < 3:
-        return None
-    return TlsaRecord(raw[0], raw[1], raw[2], raw[3:])
-
-
-def as_record(record: RecordLike) -> TlsaRecord | None:
-    """A TlsaRecord from a record or a (usage, selector, mtype, data) tuple; None if neither."""
-    if isinstance(record, TlsaRecord):
-        return record
-    try:
-        usage, selector, mtype, data = record
-        if isinstance(data, bytes | bytearray | memoryview):
-            return TlsaRecord(int(usage), int(selector), int(mtype), bytes(data))
-    except (TypeError, ValueError):
-        pass
-    return None
-
-
-def usable(record: RecordLike) -> bool:
-    """True for a well-formed DANE-TA/DANE-EE record with known selector and matching type."""
-    rec = as_record(record)
-    if rec is None or rec.usage not in (DANE_TA, DANE_EE):
-        return False
-    if rec.selector not in (CERT, SPKI) or rec.mtype not in (FULL, SHA2_256, SHA2_512):
-        return False
-    if rec.mtype in _DIGEST_LEN:
-        return len(rec.data) == _DIGEST_LEN[rec.mtype]
-    return _full_key(rec) is not None
-
-
-def digest_agility(records: Iterable[TlsaRecord]) -> list[TlsaRecord]:
-    """RFC 7671 §9: per (usage, selector) keep Full(0) and only the strongest digest type."""
-    recs = list(records)
-    best: dict[tuple[int, int], int] = {}
-    for r in recs:
-        if r.mtype in _STRENGTH:
-            key = (r.usage, r.selector)
-            best[key] = max(best.get(key, 0), _STRENGTH[r.mtype])
-    return [
-        r for r in recs
-        if r.mtype not in _STRENGTH or _STRENGTH[r.mtype] == best[(r.usage, r.selector)]
-    ]
-
-
-def usable_records(records: Iterable[RecordLike]) -> list[TlsaRecord]:
-    """The records verify() will try: usable ones, after digest agility, in input order."""
-    recs = [as_record(r) for r in records]
-    return digest_agility(r for r in recs if r is not None and usable(r))
-
-
-def association_data(der: bytes, selector: int, mtype: int) -> bytes:
-    """Certificate association data of a DER certificate (e.g. for `3 1 1` suggestions)."""
-    return _digest(mtype, der if selector == CERT else spki_der(der))
-
-
-def spki_der(cert_der: bytes) -> bytes:
-    """The SubjectPublicKeyInfo exactly as encoded in a DER certificate (RFC 6698 §1.1.2)."""
-    _, start, _ = _tlv(cert_der, 0)  # Certificate
-    _, pos, tbs_end = _tlv(cert_der, start)  # TBSCertificate
-    seen = 0  # serial, signature, issuer, validity, subject, subjectPublicKeyInfo
-    while pos < tbs_end:
-        tag, _, end = _tlv(cert_der, pos)
-        if not (seen == 0 and tag == 0xA0):  # [0] version is optional and not counted
-            seen += 1
-            if seen == 6:
-                if tag != 0x30:
-                    raise ValueError("SubjectPublicKeyInfo is not a SEQUENCE")
-                return cert_der[pos:end]
-        pos = end
-    raise ValueError("certificate has no SubjectPublicKeyInfo")
-
-
-def _tlv(buf: bytes, pos: int) -> tuple[int, int, int]:
-    """(tag, value start, end) of the DER element at `pos`."""
-    if pos + 2 > len(buf):
-        raise ValueError("truncated DER")
-    tag, length, start = buf[pos], buf[pos + 1], pos + 2
-    if length & 0x80:
-        n = length & 0x7F
-        if not 1 <= n <= 4 or start + n > len(buf):
-            raise ValueError("bad DER length")
-        length, start = int.from_bytes(buf[start:start + n], "big"), start + n
-    if start + length > len(buf):
-        raise ValueError("truncated DER")
-    return tag, start, start + length
-
-
-def _digest(mtype: int, raw: bytes) -> bytes:
-    if mtype == SHA2_256:
-        return hashlib.sha256(raw).digest()
-    if mtype == SHA2_512:
-        return hashlib.sha512(raw).digest()
-    return raw
-
-
-def _full_key(rec: TlsaRecord) -> tuple[bytes, Any, x509.Certificate | None] | None:
-    """(SPKI DER, public key, certificate or None) of a Full(0) record's data, or None."""
-    try:
-        if rec.selector == CERT:
-            cert = x509.load_der_x509_certificate(rec.data)
-            return spki_der(rec.data), cert.public_key(), cert
-        return rec.data, serialization.load_der_public_key(rec.data), None
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        return None
-
-
-def _label(rec: TlsaRecord) -> str:
-    return f"{rec.usage} {rec.selector} {rec.mtype}"
 
 
 # --- certificates ------------------------------------------------------------------------
@@ -205,7 +95,7 @@ def _load(der: bytes) -> _Cert | None:
 
 
 def _matches(rec: TlsaRecord, c: _Cert) -> bool:
-    return _digest(rec.mtype, c.der if rec.selector == CERT else c.spki) == rec.data
+    return digest(rec.mtype, c.der if rec.selector == CERT else c.spki) == rec.data
 
 
 def _signature_ok(cert: x509.Certificate, key: Any) -> bool:
@@ -227,15 +117,8 @@ def _signature_ok(cert: x509.Certificate, key: Any) -> bool:
     return True
 
 
-def _ext(cert: x509.Certificate, cls: type[Any]) -> Any:
-    try:
-        return cert.extensions.get_extension_for_class(cls).value
-    except x509.ExtensionNotFound:
-        return None
-
-
 def _is_ca(cert: x509.Certificate) -> bool:
-    bc = _ext(cert, x509.BasicConstraints)
+    bc = extension(cert, x509.BasicConstraints)
     if bc is None:  # only a v1 self-issued certificate is a CA without basicConstraints
         return cert.version == x509.Version.v1 and cert.issuer == cert.subject
     return bool(bc.ca)
@@ -243,47 +126,6 @@ def _is_ca(cert: x509.Certificate) -> bool:
 
 def _day(t: dt.datetime) -> str:
     return t.strftime("%Y-%m-%d")
-
-
-# --- names (RFC 7672 §3.2.3, RFC 6125) ----------------------------------------------------
-
-
-def _norm(name: str) -> str:
-    name = name.strip().lower()
-    name = name[:-1] if name.endswith(".") else name
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
-            return ""
-    return "" if "" in name.split(".") else name
-
-
-def name_matches(presented: str, reference: str) -> bool:
-    """A certificate DNS name against a reference identifier; `*` only as the whole
-    left-most label, matching exactly one label (never `f*.x`, never the bare parent)."""
-    p, r = _norm(presented), _norm(reference)
-    if not p or not r or "*" in r:
-        return False
-    if "*" not in p:
-        return p == r
-    plabels, rlabels = p.split("."), r.split(".")
-    return (
-        plabels[0] == "*"
-        and "*" not in p[1:]
-        and len(plabels) >= 3  # "*.com" never matches
-        and rlabels[1:] == plabels[1:]  # exactly one label in place of the "*"
-    )
-
-
-def leaf_names(cert: x509.Certificate) -> list[str]:
-    """SAN dNSNames; the subject CNs only when the certificate has no DNS name in a SAN."""
-    san = _ext(cert, x509.SubjectAlternativeName)
-    dns = san.get_values_for_type(x509.DNSName) if san is not None else []
-    if dns:
-        return list(dns)
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return [a.value for a in cns if isinstance(a.value, str)]
 
 
 # --- DANE-TA path building and validation -------------------------------------------------
@@ -332,7 +174,7 @@ def _anchors(rec: TlsaRecord, leaf: _Cert, pool: Sequence[_Cert]) -> list[_Ancho
         if _matches(rec, c) and c.spki != leaf.spki and c.key is not None:
             found.append(_Anchor(rec, c.spki, c.key, c.cert, True))
     if not found and rec.mtype == FULL:
-        full = _full_key(rec)
+        full = full_key(rec)
         if full is not None and full[0] != leaf.spki:
             found.append(_Anchor(rec, full[0], full[1], full[2], False))
     return found
@@ -371,7 +213,7 @@ def _check_path(path: Sequence[_Cert], anchor: _Anchor, names: Sequence[str],
                 now: dt.datetime) -> _Failure | None:
     """Validate a signature path below `anchor`; None when it is good."""
     rec, depth = anchor.record, anchor.depth(path)
-    where = f"({_label(rec)} matched depth {depth})"
+    where = f"({label(rec)} matched depth {depth})"
 
     def fail(code: str, what: str) -> _Failure:
         return _Failure(code, f"DANE-TA chain: {what} {where}", rec, depth)
@@ -386,10 +228,10 @@ def _check_path(path: Sequence[_Cert], anchor: _Anchor, names: Sequence[str],
             subject = issuer.subject.rfc4514_string() or "(empty subject)"
             if not _is_ca(issuer):
                 return fail(TLSA_INVALID, f"issuer {subject} is not a CA")
-            usage = _ext(issuer, x509.KeyUsage)
+            usage = extension(issuer, x509.KeyUsage)
             if usage is not None and not usage.key_cert_sign:
                 return fail(TLSA_INVALID, f"issuer {subject} may not sign certificates")
-            bc = _ext(issuer, x509.BasicConstraints)
+            bc = extension(issuer, x509.BasicConstraints)
             if bc is not None and bc.path_length is not None:
                 below = sum(1 for c in path[1:pos] if c.cert.issuer != c.cert.subject)
                 if below > bc.path_length:
@@ -428,11 +270,11 @@ def _try_anchor(anchor: _Anchor, leaf: _Cert, pool: Sequence[_Cert], names: Sequ
             break
     if first is not None:
         return first
-    label = _label(anchor.record)
+    what = label(anchor.record)
     if anchor.in_chain:  # a match, whose path failed
-        return _Failure(TLSA_INVALID, f"{label} matched a presented certificate, but no valid "
+        return _Failure(TLSA_INVALID, f"{what} matched a presented certificate, but no valid "
                         "signature path leads from the leaf to it", anchor.record)
-    return _Failure(TLSA_INVALID, f"{label} trust anchor from DNS signed no presented "
+    return _Failure(TLSA_INVALID, f"{what} trust anchor from DNS signed no presented "
                     "certificate")
 
 
@@ -488,16 +330,16 @@ def verify(
 
     failures: list[_Failure] = []
     for rec in (r for r in tried if r.usage == DANE_EE):
-        if _digest(rec.mtype, ders[0] if rec.selector == CERT else leaf_spki) != rec.data:
+        if digest(rec.mtype, ders[0] if rec.selector == CERT else leaf_spki) != rec.data:
             continue
         after = leaf.cert.not_valid_after_utc if leaf else None
         if after and now > after and ee_check_expiry:
-            failures.append(_Failure(CERT_EXPIRED, f"{_label(rec)} matched leaf, but the leaf "
+            failures.append(_Failure(CERT_EXPIRED, f"{label(rec)} matched leaf, but the leaf "
                                      f"expired {_day(after)} (ee_check_expiry)", rec, 0))
             continue
         old = after is not None and now > after
         dates = f" (leaf expired {_day(after)}; DANE-EE ignores dates)" if old else ""
-        return Verdict(True, None, True, 0, rec, _note(f"{_label(rec)} matched leaf{dates}", notes))
+        return Verdict(True, None, True, 0, rec, _note(f"{label(rec)} matched leaf{dates}", notes))
 
     if leaf is None:
         return Verdict(False, TLSA_INVALID, True, reason=_note(
@@ -519,7 +361,7 @@ def verify(
             depth, name = result
             src = "" if anchor.in_chain else " (trust anchor from DNS)"
             return Verdict(True, None, True, depth, rec, _note(
-                f"{_label(rec)} matched depth {depth}{src}; DANE-TA chain valid for {name}",
+                f"{label(rec)} matched depth {depth}{src}; DANE-TA chain valid for {name}",
                 notes))
     if search.exhausted:
         notes.append(f"DANE-TA path search stopped after {_MAX_STEPS} steps")

@@ -1,7 +1,7 @@
 """The delivery policy for one destination domain, from its DNS facts (SPEC "DANE rules").
 
 Pure: values in, values out; no I/O, no clock. The work is split in steps so that the
-orchestration (relay.destination) knows which lookups to do next, and never looks up
+orchestration (relay.delivery.destination) knows which lookups to do next, and never looks up
 TLSA for a host whose addresses are insecure:
 
     resolver_step(domain, probe, opts)      -> DomainPlan | None   (resolver not validating)

@@ -3,18 +3,18 @@
     deliverer = Deliverer(resolver, config, settings)
     report = await deliverer.deliver(domain, sender, recipients, body, smtputf8=..., size=...)
 
-The plan (relay.destination / relay.policy) says which hosts may be used and what each
+The plan (relay.delivery.destination / relay.dane.policy) says which hosts may be used and what each
 demands: DANE (TLS + a chain matching a usable TLSA record), ENCRYPT (TLS, no
 authentication), MAY (opportunistic) or NONE. Hosts are tried in MX order (random among
 equal preference), every address of a host in turn. A host that fails (connection, TLS,
 DANE) is left for the next; there is never cleartext where the plan demands TLS. The
 first host that completes a transaction decides every recipient (per-recipient replies,
-classified by relay.classify). When no host is left the recipients are deferred with the
+classified by relay.delivery.classify). When no host is left the recipients are deferred with the
 code of the most specific failure (or bounced when every host refused with 5xx).
 
 Exceptions from the network are translated into outcomes here, in one place. The
 per-host decisions (STARTTLS or not, what the chain means, exception → outcome, which
-failure wins) are relay.verdict's, shared with `relay check` so both reach the same code.
+failure wins) are relay.delivery.verdict's, shared with `relay check` so both reach the same code.
 """
 
 from __future__ import annotations
@@ -29,19 +29,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from relay import classify
 from relay import codes as codetable
-from relay import verdict as hostverdict
 from relay.config import Config
-from relay.connpool import SessionPool
-from relay.destination import plan_destination
+from relay.dane.policy import DomainPlan, HostPlan, PlanAction, shuffle_equal_preference
+from relay.delivery import classify
+from relay.delivery import verdict as hostverdict
+from relay.delivery.connpool import SessionPool
+from relay.delivery.destination import plan_destination
+from relay.delivery.trace import AttemptReport, HostAttempt, tlsa_summary
+from relay.dns.resolve import Resolver
 from relay.errors import SmtpClientError, TlsError
 from relay.log import event
 from relay.model import Outcome, TlsRequirement
-from relay.policy import DomainPlan, HostPlan, PlanAction, shuffle_equal_preference
-from relay.resolve import Resolver
-from relay.smtp.client import SmtpSession, Timeouts, TlsInfo
-from relay.smtp.protocol import Reply, TransactionResult
+from relay.smtp.client import SmtpSession, Timeouts
+from relay.smtp.protocol import Reply, TlsInfo, TransactionResult
 
 Clock = Callable[[], float]
 
@@ -108,35 +109,6 @@ def own_endpoints(host: str, port: int) -> frozenset[tuple[str, int]]:
     return frozenset({(str(addr), port)})
 
 
-@dataclass(frozen=True)
-class HostAttempt:
-    """The trace of one address tried (or one host that could not be used)."""
-
-    mx: str
-    ip: str
-    dnssec: str
-    tlsa: str
-    tls: str = ""
-    dane: str = ""
-    code: str = ""
-    reply: str = ""
-    security: str = ""  # dane-authenticated | tls | plain | failed (metrics, TLS-RPT)
-    failure_type: str | None = None  # RFC 8460 result type of a failure (also of a
-    # cleartext fall-back of opportunistic TLS: the mail went, the TLS session did not)
-    tls_info: TlsInfo | None = None
-    local_ip: str = ""  # our end of the connection (TLS-RPT sending-mta-ip)
-
-
-@dataclass(frozen=True)
-class AttemptReport:
-    """What one attempt decided for every recipient, and the hosts it tried."""
-
-    outcomes: dict[str, Outcome]
-    hosts: tuple[HostAttempt, ...]
-    plan: DomainPlan
-    delivered_by: HostAttempt | None = None
-
-
 @dataclass
 class _HostFailure:
     outcome: Outcome
@@ -158,16 +130,6 @@ class _Opened:
 class _Walk:
     failures: list[Outcome] = field(default_factory=list)
     traces: list[HostAttempt] = field(default_factory=list)
-
-
-def tlsa_summary(host: HostPlan) -> str:
-    if host.tlsa_base is None:
-        if not host.addresses_secure:
-            return "not looked up (insecure addresses)"
-        return "none (authenticated denial or insecure)"
-    usable = len(host.usable_tlsa)
-    return (f"{host.tlsa_base}: {len(host.tlsa)} record(s), {usable} usable"
-            + ("" if usable else " (TLS required, no authentication)"))
 
 
 def _trace(host: HostPlan, ip: str, **kw: object) -> HostAttempt:

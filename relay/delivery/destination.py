@@ -3,9 +3,9 @@
     plan = await plan_destination("example.org", resolver, config)
 
 MX (or the `[[routes]]` next hops) → A/AAAA of every host concurrently (per
-`delivery.ipv4` / `delivery.ipv6`) → TLSA `_<port>._tcp.<base>` only where relay.policy
-asks for it (never for a host whose addresses are insecure) → relay.policy.finish.
-Every decision is made by the pure steps of relay.policy; this module only does lookups.
+`delivery.ipv4` / `delivery.ipv6`) → TLSA `_<port>._tcp.<base>` only where relay.dane.policy
+asks for it (never for a host whose addresses are insecure) → relay.dane.policy.finish.
+Every decision is made by the pure steps of relay.dane.policy; this module only does lookups.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import asyncio
 from typing import Any
 
 from relay.config import Config
-from relay.model import DnsAnswer, MxRecord
-from relay.policy import (
+from relay.dane.policy import (
     DomainPlan,
     HostPlan,
     HostTarget,
@@ -31,7 +30,8 @@ from relay.policy import (
     route_step,
     tlsa_step,
 )
-from relay.resolve import Resolver, ValidationProbe
+from relay.dns.resolve import Resolver, ValidationProbe
+from relay.model import DnsAnswer, MxRecord
 
 
 async def plan_destination(domain: str, resolver: Resolver, config: Config, *,

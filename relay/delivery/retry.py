@@ -24,7 +24,7 @@ The rules:
    failed attempt rather than before it.
 3. **Expiry** happens when a failed attempt leaves no plan point after it:
    `next_attempt` returns None and the caller bounces the recipient with the 5.x.x form
-   of its last code (`relay.classify.expire`). An attempt that ran after the deadline
+   of its last code (`relay.delivery.classify.expire`). An attempt that ran after the deadline
    (because the relay was down) therefore expires at once when it fails.
 
 Counting, for tests and operators: the number of attempts is `planned_attempts(schedule,

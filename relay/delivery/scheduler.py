@@ -5,7 +5,7 @@ grouped per message and destination domain (one SMTP transaction per group), und
 lease: work held by a process that dies returns to the queue by itself when the lease
 runs out. Concurrency is bounded in total (`delivery.max_connections`) and per
 destination domain (`delivery.max_connections_per_domain`). New mail starts at once (the
-store's `new_work` event); deferred mail when its plan point is due (relay.retry).
+store's `new_work` event); deferred mail when its plan point is due (relay.delivery.retry).
 
 After each attempt every recipient is delivered, bounced (a 5xx, or its lifetime is
 over: the 5.x.x form of its last code), or deferred to its next plan point. When every
@@ -24,12 +24,13 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from relay import classify, dsn, retry, tlsrpt
 from relay.config import Config
-from relay.delivery import AttemptReport, Deliverer, own_endpoints
+from relay.delivery import classify, dsn, retry
+from relay.delivery.attempt import Deliverer, own_endpoints
+from relay.delivery.trace import AttemptReport
 from relay.errors import NotFound, StoreError
 from relay.log import event
-from relay.model import Action, Envelope, Outcome, RecipientStatus
+from relay.model import KIND_TLSRPT, Action, Envelope, Outcome, RecipientStatus
 from relay.store import AttemptTrace, Job, JobResult, RecipientUpdate, Store
 from relay.tasks import cancel_and_wait
 
@@ -67,7 +68,7 @@ class Scheduler:
         self._ndr_locks: dict[str, asyncio.Lock] = {}
         self._last_purge = 0.0
         self._own_endpoints = own_endpoints
-        self.tlsrpt_record = tlsrpt_record  # TLS reporting's hook (relay.tlsrpt_send)
+        self.tlsrpt_record = tlsrpt_record  # TLS reporting's hook (relay.tlsrpt.reporter)
 
     # --- component ------------------------------------------------------------------
 
@@ -198,9 +199,9 @@ class Scheduler:
         addresses = [addr for _, addr, _ in job.recipients]
         report = await self.deliverer.deliver(job.domain, job.sender, addresses, body,
                                               smtputf8=job.smtputf8, size=job.size,
-                                              relax_dane=job.kind == tlsrpt.KIND)
+                                              relax_dane=job.kind == KIND_TLSRPT)
         finished = self.clock()
-        if self.tlsrpt_record is not None and job.kind != tlsrpt.KIND:
+        if self.tlsrpt_record is not None and job.kind != KIND_TLSRPT:
             with contextlib.suppress(Exception):  # reporting never affects delivery
                 self.tlsrpt_record(job.domain, report, finished)  # shares the next commit
         self._log_hosts(job, report)

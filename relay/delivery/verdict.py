@@ -1,7 +1,7 @@
 """Per-host decisions shared by delivery and `relay check`, so that both reach the same code.
 
-Pure: values in, values out (time is passed in). relay.delivery runs the real session
-and sends the mail; relay.check runs the same session up to the point where MAIL FROM
+Pure: values in, values out (time is passed in). relay.delivery.attempt runs the real session
+and sends the mail; relay.check.probe runs the same session up to the point where MAIL FROM
 would be sent, and quits. Both ask this module:
 
     tls_step(requirement, offered, use_tls)   -> TlsStep     (STARTTLS, fail 4.7.321, skip)
@@ -20,11 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from relay import classify, dane
 from relay import codes as codetable
+from relay import dane
+from relay.dane.policy import DomainPlan, HostPlan, PlanAction
+from relay.delivery import classify
 from relay.errors import SmtpClientError, TlsError
 from relay.model import Action, Outcome, Scope, TlsRequirement
-from relay.policy import DomainPlan, HostPlan, PlanAction
 
 STARTTLS_NOT_SUPPORTED = "starttls-not-supported"  # RFC 8460 result type
 
@@ -138,7 +139,7 @@ def plan_outcome(plan: DomainPlan) -> Outcome:
 
 def give_up(failures: Sequence[Outcome]) -> Outcome:
     """No host delivered: bounce when every host refused permanently (5xx), else defer
-    with the most specific failure (relay.classify.most_specific)."""
+    with the most specific failure (relay.delivery.classify.most_specific)."""
     if not failures:
         return classify.local(codetable.DNS_FAILED, "no usable MX host")
     if all(f.action is Action.BOUNCED for f in failures):

@@ -8,7 +8,7 @@ length does not fit its matching type and then fails the WHOLE message; here suc
 record survives as a TlsaRecord with its raw data (relay.dane finds it unusable).
 
 Pieces:
-- relay.dnswire `parse_reply(wire, qname, rdtype, ...)`: pure, one response → `Reply`
+- relay.dns.wire `parse_reply(wire, qname, rdtype, ...)`: pure, one response → `Reply`
   (rcode class, AD, CNAME links, records, EDE, cache TTL).
 - `Resolver`: transport (nameservers in order, per-lookup deadline, UDP then TCP on TC),
   CNAME link security, SERVFAIL diagnosis (EDE, else a re-query with CD), TTL cache with
@@ -37,7 +37,7 @@ import dns.resolver
 import dns.wire
 
 from relay.config import DnsConfig, split_hostport
-from relay.dnswire import Reply, name_text, parse_reply
+from relay.dns.wire import Reply, name_text, parse_reply
 from relay.model import CnameLink, DnsAnswer, Ede, Rcode
 
 Clock = Callable[[], float]
@@ -341,7 +341,7 @@ async def check_validating(resolver: Resolver) -> ValidationProbe:
     Validating: at least one server answered with AD and none answered without it (an
     unreachable server is reported but answers nothing). Sets `resolver.last_probe`
     (reused by `Resolver.validation()`); logging the result (`resolver_check`) is the
-    caller's job (relay.ops.ResolverProbe, relay check). Never raises."""
+    caller's job (relay.ops.components.ResolverProbe, relay check). Never raises."""
     results = []
     for server in resolver.nameservers:
         single = Resolver([server], timeout=resolver.timeout, max_records=resolver.max_records,

@@ -3,7 +3,7 @@
 dnspython 2.9 refuses a TLSA record whose digest length does not fit its matching type
 and then fails the WHOLE message; here the message is parsed leniently and such a record
 survives as a TlsaRecord with its raw data (relay.dane finds it unusable, never a DNS
-failure). Used by relay.resolve, which owns the transport, the cache and the probe.
+failure). Used by relay.dns.resolve, which owns the transport, the cache and the probe.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Replaced here, because its versions are unsafe or too lax for a relay:
   refused with 550 5.5.2; the size is counted while receiving and nothing is buffered
   past the limit; the DATA phase has its own deadline (aiosmtpd does not reset its
   timer during DATA).
-Policy and storage live in relay.listener.Intake; this class speaks the protocol.
+Policy and storage live in relay.intake.core.Intake; this class speaks the protocol.
 """
 
 from __future__ import annotations
@@ -20,34 +20,21 @@ import asyncio
 import ipaddress
 import secrets
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
 from relay.intake.address import NEED_SMTPUTF8, Path, Refusal, parse_path
+from relay.intake.core import Intake, Transaction
 from relay.intake.data import REPLIES as DATA_REPLIES
 from relay.intake.data import read_message
 from relay.intake.tlsauth import TlsAuthCommands
 from relay.log import event
 
-if TYPE_CHECKING:
-    from relay.listener import Intake
-
 MAX_COMMAND = 1000  # octets of a command line (RFC 5321 §4.5.3.1.4 says 512; be lenient)
 MAX_AUTH_COMMAND = 12288  # RFC 4954 §4
 MAX_ERRORS = 50  # refused commands per session before 421
 RECIPIENT_OVERSHOOT = 1000  # RCPTs past max_recipients not counted as errors (Postfix)
-
-@dataclass
-class Transaction:
-    """What MAIL FROM started: the envelope so far."""
-
-    sender: str
-    smtputf8: bool = False
-    body_8bit: bool = False
-    recipients: list[str] = field(default_factory=list)
-
 
 def client_address(peer: Any) -> str:
     """The client IP as text; IPv4-mapped IPv6 addresses as IPv4."""

@@ -20,7 +20,7 @@ from aiosmtpd.smtp import MISSING
 from relay.log import event
 
 if TYPE_CHECKING:
-    from relay.listener import Intake
+    from relay.intake.core import Intake
 
 MAX_AUTH_FAILURES = 5  # per session; smtplib alone tries PLAIN, then LOGIN
 

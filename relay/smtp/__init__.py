@@ -1,7 +1,11 @@
-"""The relay's own outbound SMTP client: a sans-I/O core (.protocol) and an asyncio driver."""
+"""The relay's own outbound SMTP client: a sans-I/O core (.protocol), an asyncio driver
+(.client, .stream) and the peer-chain compatibility shim (.tlscompat).
 
-from relay.smtp.client import SmtpSession, Timeouts, TlsInfo, client_context
-from relay.smtp.protocol import Extensions, Reply, TransactionResult
+May import: the base only.
+"""
+
+from relay.smtp.client import SmtpSession, Timeouts, client_context
+from relay.smtp.protocol import Extensions, Reply, TlsInfo, TransactionResult
 
 __all__ = [
     "Extensions",

@@ -31,6 +31,7 @@ from relay.smtp.protocol import (
     Reply,
     SessionState,
     State,
+    TlsInfo,
     TransactionResult,
 )
 from relay.smtp.stream import ReplyStream
@@ -73,15 +74,6 @@ class Timeouts:
     def uniform(cls, seconds: float) -> Timeouts:
         """Every phase the same (tests)."""
         return cls(**{f.name: seconds for f in fields(cls)})
-
-
-@dataclass(frozen=True)
-class TlsInfo:
-    version: str  # "TLSv1.3"
-    cipher: str  # "TLS_AES_256_GCM_SHA384"
-    bits: int | None
-    chain: tuple[bytes, ...]  # DER, leaf first, as presented (unverified)
-    server_hostname: str | None  # the SNI we sent
 
 
 _TLS_VERSIONS = {

@@ -407,3 +407,12 @@ def precheck(ext: Extensions, *, size: int, smtputf8: bool) -> Reply | None:
             552, "5.3.4", f"message size {size} exceeds the destination's limit of {limit}"
         )
     return None
+
+
+@dataclass(frozen=True)
+class TlsInfo:
+    version: str  # "TLSv1.3"
+    cipher: str  # "TLS_AES_256_GCM_SHA384"
+    bits: int | None
+    chain: tuple[bytes, ...]  # DER, leaf first, as presented (unverified)
+    server_hostname: str | None  # the SNI we sent

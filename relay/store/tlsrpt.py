@@ -16,9 +16,10 @@ from typing import Any
 
 import aiosqlite
 
+from relay.model import SessionResult
+from relay.store.periods import cut_end, new_period
 from relay.store.sqlfiles import Q
 from relay.store.writer import Writer
-from relay.tlsrpt import SessionResult, cut_end, new_period
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The report message of RFC 8460 §5.3: multipart/report; report-type="tlsrpt".
 
 Pure: the time, the Message-ID and the boundary come in, bytes go out (CRLF line ends,
-7-bit). DKIM signing is done on these bytes by relay.tlsrpt_send (it is I/O-free too,
+7-bit). DKIM signing is done on these bytes by relay.tlsrpt.reporter (it is I/O-free too,
 but its library pulls in a DNS resolver).
 
     From: <from>                       To: <rua address(es)>
@@ -20,8 +20,8 @@ import textwrap
 from collections.abc import Sequence
 from datetime import datetime
 
-from relay import dsn
-from relay import tlsrpt as rpt
+from relay.delivery import dsn
+from relay.tlsrpt import report as rpt
 
 # Signed by DKIM (§5.3: the two report headers SHOULD be covered).
 SIGNED_HEADERS = ("From", "To", "Subject", "Date", "Message-ID", "MIME-Version",

@@ -2,7 +2,7 @@
 record, periods, and the aggregate report itself.
 
 Pure: values in, values out; no I/O, no clock (times are passed in). The I/O around it
-(recording in the store, discovery, sending) lives in relay.tlsrpt_send.
+(recording in the store, discovery, sending) lives in relay.tlsrpt.reporter.
 
 Which domain a result is reported to (RFC 8460 §1.3 "Policy Domain", §3): for DANE the
 policy domain is the TLSA base domain of the receiving host (RFC 7672 §2.2.3), normally
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,13 +32,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from relay.model import TlsRequirement
+from relay.model import KIND_TLSRPT, SessionResult, TlsRequirement
 
-if TYPE_CHECKING:  # types only: relay.delivery does I/O, relay.policy pulls in the config
-    from relay.delivery import HostAttempt
-    from relay.policy import DomainPlan, HostPlan
+if TYPE_CHECKING:  # types only: relay.delivery.attempt does I/O
+    from relay.dane.policy import DomainPlan, HostPlan
+    from relay.delivery.trace import HostAttempt
 
-KIND = "tlsrpt"  # Envelope.extra["kind"] of report mail: DANE relaxed, never counted
+KIND = KIND_TLSRPT  # Envelope.extra["kind"] of report mail: DANE relaxed, never counted
 POLICY_TLSA = "tlsa"
 NO_POLICY = "no-policy-found"
 RESULT_TYPES = frozenset({
@@ -52,25 +51,6 @@ RESULT_TYPES = frozenset({
 MAX_DETAIL = 200  # characters of failure-reason-code
 MEDIA_TYPE_GZIP = "application/tlsrpt+gzip"
 MEDIA_TYPE_JSON = "application/tlsrpt+json"
-
-
-@dataclass(frozen=True)
-class SessionResult:
-    """One result to count: a successful or failed session for one policy."""
-
-    policy_domain: str
-    policy_type: str  # "tlsa" | "no-policy-found"
-    policy_strings: tuple[str, ...]  # the TLSA records, presentation format
-    mx_host: str
-    result_type: str = ""  # "" for success, else an RFC 8460 result type
-    sending_ip: str = ""
-    receiving_ip: str = ""
-    detail: str = ""  # failure-reason-code
-    count: int = 1
-
-    @property
-    def success(self) -> bool:
-        return not self.result_type
 
 
 # --- what one attempt adds ------------------------------------------------------------
@@ -130,28 +110,6 @@ def session_results(domain: str, plan: DomainPlan, hosts: Iterable[HostAttempt]
             receiving_ip=h.ip if ftype else "",
             detail=_detail(h) if ftype else ""))
     return out
-
-
-# --- periods --------------------------------------------------------------------------
-
-
-def grid_start(ts: float, interval: float) -> float:
-    """The start of the interval-aligned period holding `ts` ("24h": 00:00 UTC)."""
-    return math.floor(ts / interval) * interval
-
-
-def new_period(now: float, interval: float, last_end: float | None) -> tuple[float, float]:
-    """Bounds of the period to open at `now`: from the grid point (or where the last
-    period ended, if later) to the next grid point after that start."""
-    begin = grid_start(now, interval)
-    if last_end is not None and last_end > begin:
-        begin = last_end
-    return begin, grid_start(begin, interval) + interval
-
-
-def cut_end(now: float) -> float:
-    """Where `relay tlsrpt send --now` ends the open period: the next whole second."""
-    return float(math.ceil(now))
 
 
 # --- the _smtp._tls record (§3) ---------------------------------------------------------

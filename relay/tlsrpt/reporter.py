@@ -3,7 +3,7 @@
 `TlsReporter` is a `Component` of `relay serve` (relay.app, when `tlsrpt.enabled`):
 
 - `record(domain, report, now)` is the scheduler's hook after each attempt: the pure
-  relay.tlsrpt decides what the attempt adds, the store counts it in the open period
+  relay.tlsrpt.report decides what the attempt adds, the store counts it in the open period
   (one upsert per host tried, committed with the job's own record). It never raises and
   never waits: reporting cannot slow or break delivery.
 - Its loop closes each period when it ends and creates one report per policy domain,
@@ -34,19 +34,19 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from relay import __version__
-from relay import tlsrpt as rpt
 from relay.config import Config
+from relay.dns.resolve import Resolver
 from relay.errors import ConfigError, RelayError
 from relay.log import event
 from relay.model import Envelope, Rcode
-from relay.resolve import Resolver
 from relay.store import Store
 from relay.store.tlsrpt import ReportTask
 from relay.tasks import cancel_and_wait
-from relay.tlsrptmail import SIGNED_HEADERS, build_mail
+from relay.tlsrpt import report as rpt
+from relay.tlsrpt.mail import SIGNED_HEADERS, build_mail
 
 if TYPE_CHECKING:
-    from relay.delivery import AttemptReport
+    from relay.delivery.trace import AttemptReport
 
 Clock = Callable[[], float]
 LEASE = 300.0  # seconds a claimed report is ours

@@ -3,7 +3,7 @@ signed test zones, real aiosmtpd destinations presenting generated certificates.
 
 Every run the tests look at is started once, all together, by the `runs` fixture (the
 subprocesses run in parallel); each test then checks one run's JSON or text. A parity test
-runs relay.delivery's Deliverer and relay.check's run_check in-process on the same
+runs relay.delivery.attempt's Deliverer and relay.check.probe's run_check in-process on the same
 domains and requires the same code.
 """
 
@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from relay.config import Config, build
-from relay.delivery import Deliverer, DeliverySettings
+from relay.delivery.attempt import Deliverer, DeliverySettings
+from relay.dns.resolve import Resolver
 from relay.model import Action
-from relay.resolve import Resolver
 from tests.support.certs import Issued, make_ca, make_leaf
 from tests.support.dnsbed import DnsBed, hostport
 from tests.support.smtpd import Destination, start_group
@@ -552,7 +552,7 @@ PARITY = ["ee.test", "ta.test", "mismatch.test", "tamissing.test", "pkix.test",
 
 
 async def test_check_reaches_the_same_code_as_delivery(world: World) -> None:
-    from relay.check import run_check
+    from relay.check.probe import run_check
 
     cfg = build({"listener": {"hostname": "relay.test"},
                  "dns": {"nameservers": [world.bed.nameserver], "timeout": "2s"},

@@ -6,7 +6,7 @@ final recipient status, code and trace (`relay queue show --json`), what the des
 received (and how: TLS, SNI), and the NDR that reached the sender's mailbox.
 
 Schedule: retry every 1 s for 3 s, so a failing recipient sees 4 attempts (at 0, 1, 2
-and 3 s after arrival: relay.retry.planned_attempts) and then bounces with an NDR.
+and 3 s after arrival: relay.delivery.retry.planned_attempts) and then bounces with an NDR.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from relay import retry
+from relay.delivery import retry
 from tests.support.certs import Issued, make_ca, make_leaf
 from tests.support.dnsbed import DnsBed, dnsbed_fixture
 from tests.support.e2e import (

@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.config import DnsConfig
-from relay.resolve import Resolver
-from relay.tlsrpt_send import TlsReporter
+from relay.dns.resolve import Resolver
+from relay.tlsrpt.reporter import TlsReporter
 from tests.support.certs import Issued, make_ca, make_leaf, server_context
 from tests.support.dnsbed import DnsBed
 from tests.support.e2e import delivering_relay, submit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from relay.connpool import SessionPool
+from relay.delivery.connpool import SessionPool
 from relay.smtp.client import SmtpSession, Timeouts
 from tests.support.smtpd import Destination
 

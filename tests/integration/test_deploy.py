@@ -82,4 +82,4 @@ def test_dockerfile_runs_as_non_root_with_healthcheck() -> None:
 
 def test_pyproject_console_script() -> None:
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert data["project"]["scripts"]["relay"] == "relay.cli:main"
+    assert data["project"]["scripts"]["relay"] == "relay.cli.main:main"

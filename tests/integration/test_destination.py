@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from relay.config import Config, build
-from relay.destination import plan_destination, plan_dict
+from relay.dane.policy import DANE_REQUIRED, DNSSEC_INVALID, DomainPlan, HostPlan, PlanAction
+from relay.delivery.destination import plan_destination, plan_dict
+from relay.dns.resolve import Resolver, check_validating
 from relay.model import DaneMode, Rcode, TlsaRecord
 from relay.model import TlsRequirement as TR
-from relay.policy import DANE_REQUIRED, DNSSEC_INVALID, DomainPlan, HostPlan, PlanAction
-from relay.resolve import Resolver, check_validating
 from tests.support.dnsbed import Addr, DnsBed, dnsbed_fixture
 
 DIGEST = bytes.fromhex("ab" * 32)

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from relay import log
-from relay.metrics import Metrics, MetricsServer
+from relay.ops.metrics import Metrics, MetricsServer
 
 
 async def _get(port: int, path: str) -> tuple[int, str]:

@@ -1,4 +1,4 @@
-"""relay.resolve against a REAL validating Unbound (tests/support/dnsbed.py)."""
+"""relay.dns.resolve against a REAL validating Unbound (tests/support/dnsbed.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from relay.config import build
+from relay.dns.resolve import Resolver, check_validating
 from relay.model import CnameLink, MxRecord, Rcode, TlsaRecord
-from relay.resolve import Resolver, check_validating
 from tests.support.dnsbed import Addr, DnsBed, dnsbed_fixture
 
 DIGEST = bytes.fromhex("ab" * 32)

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from relay.config import build
-from relay.delivery import AttemptReport
+from relay.dane.policy import DomainPlan, PlanAction
+from relay.delivery.scheduler import Scheduler
+from relay.delivery.trace import AttemptReport
 from relay.model import Action, Envelope, Outcome
-from relay.policy import DomainPlan, PlanAction
-from relay.scheduler import Scheduler
 from relay.store import Store
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from relay import app as app_module
 from relay.app import App
-from relay.auth import verify_password
+from relay.intake.auth import verify_password
 from tests.support import certs
 from tests.support.relayproc import Dialog, RelayProc, deep_merge, default_config, start_relay
 

@@ -19,11 +19,11 @@ import pytest
 
 from relay import log
 from relay.config import build
+from relay.dns.resolve import Resolver
 from relay.model import DnsAnswer, Rcode
-from relay.resolve import Resolver
 from relay.store import Store
-from relay.tlsrpt import SessionResult
-from relay.tlsrpt_send import TlsReporter
+from relay.tlsrpt.report import SessionResult
+from relay.tlsrpt.reporter import TlsReporter
 from tests.support.certs import make_ca, make_leaf, server_context
 from tests.support.tlsrpt_check import validate_report
 

@@ -1,4 +1,4 @@
-"""relay.auth: scrypt hashes, the users file, constant-time verification."""
+"""relay.intake.auth: scrypt hashes, the users file, constant-time verification."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.auth import ScryptHash, UserDb, hash_password, parse_users, verify_password
 from relay.errors import ConfigError
+from relay.intake.auth import ScryptHash, UserDb, hash_password, parse_users, verify_password
 
 
 def test_hash_round_trip_and_salt() -> None:

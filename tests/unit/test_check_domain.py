@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.check import domain_problem
+from relay.cli.check import domain_problem
 
 
 @pytest.mark.parametrize("name", ["example.org", "Bücher.example", "ok.test.", "a-b.c"])

@@ -1,5 +1,6 @@
 """Pure parts of `relay check` and the per-host decisions it shares with delivery
-(relay.checkfmt, relay.verdict): record status, chain facts, advice, rendering, colour."""
+(relay.check.render, relay.delivery.verdict): record status, chain facts, advice, rendering,
+colour."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from typing import Any
 
 import pytest
 
-from relay import checkfmt, verdict
-from relay.check import use_colour
+from relay.check import render as checkfmt
+from relay.cli.check import use_colour
+from relay.dane.policy import DomainPlan, HostAddress, HostPlan, PlanAction
+from relay.delivery import verdict
 from relay.errors import SmtpClientError, TlsError
 from relay.model import Action, Outcome, Scope, TlsaRecord
 from relay.model import TlsRequirement as TR
-from relay.policy import DomainPlan, HostAddress, HostPlan, PlanAction
 from tests.unit.dane_helpers import DAY, NOW, ca, leaf
 
 D32, D64 = b"\xab" * 32, b"\xcd" * 64
@@ -98,7 +100,7 @@ def test_trust_anchor_missing_is_detected() -> None:
     assert sent.dane["ok"] and sent.dane["ta_missing"] is False
 
 
-# --- relay.verdict --------------------------------------------------------------------------
+# --- relay.delivery.verdict ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("req", "offered", "use_tls", "step"), [
@@ -215,7 +217,7 @@ def test_use_colour() -> None:
 def test_pure_modules_import_no_io() -> None:
     # `socket` itself comes in with cryptography (relay.dane), so it is checked in the
     # modules' own imports; asyncio, ssl and aiosqlite must not be loaded at all.
-    code = ("import sys; import relay.verdict, relay.checkfmt; "
+    code = ("import sys; import relay.delivery.verdict, relay.check.render; "
             "bad = {'ssl', 'asyncio', 'aiosqlite'} & set(sys.modules); "
             "print(sorted(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

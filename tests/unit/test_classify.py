@@ -1,4 +1,4 @@
-"""relay.classify: SMTP replies and local failures → outcomes; MX aggregation; expiry."""
+"""relay.delivery.classify: SMTP replies and local failures → outcomes; MX aggregation; expiry."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 
-from relay import classify, codes
+from relay import codes
+from relay.delivery import classify
 from relay.model import Action, Outcome, Scope
 
 # --- from_reply: action -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""relay.dsn: NDRs and delay warnings, parsed back with the stdlib email package."""
+"""relay.delivery.dsn: NDRs and delay warnings, parsed back with the stdlib email package."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from relay import codes, dsn
-from relay.dsn import FailedRecipient
+from relay import codes
+from relay.delivery import dsn
+from relay.delivery.dsn import FailedRecipient
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 ARRIVED = NOW - timedelta(hours=24, minutes=1)
@@ -528,7 +529,7 @@ def test_format_date_matches_the_stdlib(when: datetime) -> None:
 
 
 def test_pure_module_imports_no_io() -> None:
-    code = ("import sys; import relay.dsn, relay.classify, relay.retry; "
+    code = ("import sys; import relay.delivery.dsn, relay.delivery.classify, relay.delivery.retry; "
             "bad = {'socket', 'ssl', 'asyncio', 'aiosqlite'} & set(sys.modules); "
             "print(sorted(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -65,8 +65,8 @@ async def test_fast_and_slow_paths_agree_on_random_input() -> None:
 
 async def test_session_sets_every_attribute_aiosmtpd_sets() -> None:
     """IntakeSession skips SMTP.__init__; it must still set what SMTP.__init__ sets."""
+    from relay.intake.core import Intake, IntakeSettings
     from relay.intake.session import IntakeSession
-    from relay.listener import Intake, IntakeSettings
 
     loop = asyncio.get_running_loop()
     reference = SMTP(object(), loop=loop)

@@ -1,4 +1,4 @@
-"""relay.policy: every row of SPEC.md's "DANE rules in detail", on hand-made DNS answers.
+"""relay.dane.policy: every row of SPEC.md's "DANE rules in detail", on hand-made DNS answers.
 
 The real-resolver counterpart is tests/integration/test_destination.py.
 """
@@ -13,10 +13,7 @@ import pytest
 
 from relay import codes
 from relay.config import build
-from relay.destination import plan_destination
-from relay.model import CnameLink, DaneMode, DnsAnswer, MxRecord, Rcode, TlsaRecord
-from relay.model import TlsRequirement as TR
-from relay.policy import (
+from relay.dane.policy import (
     DANE_REQUIRED,
     DNSSEC_INVALID,
     HostPlan,
@@ -36,7 +33,10 @@ from relay.policy import (
     shuffle_equal_preference,
     tlsa_step,
 )
-from relay.resolve import ValidationProbe
+from relay.delivery.destination import plan_destination
+from relay.dns.resolve import ValidationProbe
+from relay.model import CnameLink, DaneMode, DnsAnswer, MxRecord, Rcode, TlsaRecord
+from relay.model import TlsRequirement as TR
 
 D = "example.org"
 OPTS = PolicyOptions()
@@ -74,7 +74,8 @@ def mxd(mx_secure: bool = True, opts: PolicyOptions = OPTS, domain: str = D) -> 
 def run_host(name: str, addr_answers: Sequence[DnsAnswer], tlsa: dict[str, DnsAnswer],
              mx: MxDecision | None = None, target: HostTarget | None = None
              ) -> tuple[HostPlan, list[str]]:
-    """Drive host_step/tlsa_step like relay.destination; returns the plan and TLSA qnames."""
+    """Drive host_step/tlsa_step like relay.delivery.destination; returns the plan and
+    TLSA qnames."""
     mx = mx or mxd()
     target = target or HostTarget(name, 10, mx.opts.port)
     prog = host_step(target, addr_answers, mx)

@@ -1,4 +1,4 @@
-"""relay.dnswire.parse_reply and friends on hand-built wire responses (no sockets)."""
+"""relay.dns.wire.parse_reply and friends on hand-built wire responses (no sockets)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from relay.dnswire import extract_ede, parse_reply, parse_tlsa_rdata, raw_answer_rrs
+from relay.dns.resolve import Resolver
+from relay.dns.wire import extract_ede, parse_reply, parse_tlsa_rdata, raw_answer_rrs
 from relay.model import Ede, MxRecord, Rcode, TlsaRecord
-from relay.resolve import Resolver
 
 IN = dns.rdataclass.IN
 DIGEST = hashlib.sha256(b"spki").digest()

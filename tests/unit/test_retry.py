@@ -1,4 +1,5 @@
-"""relay.retry: the attempt plan, expiry and delay warnings (a fake clock: plain floats)."""
+"""relay.delivery.retry: the attempt plan, expiry and delay warnings (a fake clock:
+plain floats)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import random
 
 import pytest
 
-from relay import retry
 from relay.config import parse_duration
+from relay.delivery import retry
 
 T0 = 1_700_000_000.0  # an arbitrary arrival time
 DEFAULT = (900.0,)

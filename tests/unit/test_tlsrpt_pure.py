@@ -19,12 +19,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from relay import tlsrpt as rpt
-from relay.delivery import HostAttempt, relaxed_plan
+from relay.dane.policy import DomainPlan, HostAddress, HostPlan, PlanAction
+from relay.delivery.attempt import relaxed_plan
+from relay.delivery.trace import HostAttempt
 from relay.model import DnsAnswer, Rcode, TlsaRecord, TlsRequirement
-from relay.policy import DomainPlan, HostAddress, HostPlan, PlanAction
-from relay.tlsrpt_send import DkimSigner
-from relay.tlsrptmail import build_mail
+from relay.store import periods
+from relay.tlsrpt import report as rpt
+from relay.tlsrpt.mail import build_mail
+from relay.tlsrpt.reporter import DkimSigner
 from tests.support.tlsrpt_check import validate_report
 
 # --- the record ------------------------------------------------------------------------
@@ -182,12 +184,12 @@ def test_relaxed_plan_for_report_mail() -> None:
 def test_periods_are_aligned_and_follow_each_other() -> None:
     day = 86400.0
     t = datetime(2026, 3, 5, 13, 7, tzinfo=UTC).timestamp()
-    begin, end = rpt.new_period(t, day, None)
+    begin, end = periods.new_period(t, day, None)
     assert rpt.rfc3339(begin) == "2026-03-05T00:00:00Z" and end - begin == day
-    assert rpt.new_period(t, day, t - 100) == (t - 100, begin + day)  # after a cut
-    assert rpt.new_period(t, day, begin - day) == (begin, begin + day)
-    assert rpt.new_period(10.5, 3.0, None) == (9.0, 12.0)
-    assert rpt.cut_end(10.2) == 11.0 and rpt.cut_end(10.0) == 10.0
+    assert periods.new_period(t, day, t - 100) == (t - 100, begin + day)  # after a cut
+    assert periods.new_period(t, day, begin - day) == (begin, begin + day)
+    assert periods.new_period(10.5, 3.0, None) == (9.0, 12.0)
+    assert periods.cut_end(10.2) == 11.0 and periods.cut_end(10.0) == 10.0
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -317,7 +319,7 @@ def test_report_message_parses_back_and_dkim_verifies(tmp_path: Path) -> None:
 
 
 def test_pure_modules_import_no_io() -> None:
-    code = ("import sys; import relay.tlsrpt, relay.tlsrptmail; "
+    code = ("import sys; import relay.tlsrpt.report, relay.tlsrpt.mail; "
             "bad = {'socket', 'ssl', 'asyncio', 'aiosqlite'} & set(sys.modules); "
             "print(sorted(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -1,13 +1,13 @@
-"""relay.verdict's address checks before a connection: loops and unroutable addresses."""
+"""relay.delivery.verdict's address checks before a connection: loops and unroutable addresses."""
 
 from __future__ import annotations
 
 import pytest
 
-from relay import verdict
-from relay.delivery import own_endpoints
+from relay.dane.policy import HostAddress, HostPlan
+from relay.delivery import verdict
+from relay.delivery.attempt import own_endpoints
 from relay.model import TlsRequirement
-from relay.policy import HostAddress, HostPlan
 
 
 def host(port: int = 25) -> HostPlan:

@@ -1,0 +1,216 @@
+"""The intake's shared state and policy: what every session consults.
+
+`Intake` holds the settings (limits, host name), who may relay (client networks or SMTP
+AUTH), the connection registry (total and per-IP limits, draining), and the hand-off to
+the queue: a message is answered `250 … queued as ID` only after `sink.enqueue`
+returned, i.e. after its COMMIT. Sessions (relay.intake.session) call it through the
+small `SessionView` protocol, so this module does not import them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from relay.config import ListenerConfig
+from relay.errors import RelayError, StorageFull, StoreError
+from relay.intake.auth import UserDb
+from relay.intake.received import protocol, received_header, sanitize_token
+from relay.log import event
+from relay.model import Envelope
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+REPLY_FULL = "452 4.3.1 Insufficient system storage, try again later"
+REPLY_UNAVAILABLE = "451 4.3.0 Temporary storage failure, try again later"
+
+
+@dataclass
+class Transaction:
+    """What MAIL FROM started: the envelope so far."""
+
+    sender: str
+    smtputf8: bool = False
+    body_8bit: bool = False
+    recipients: list[str] = field(default_factory=list)
+
+
+class SessionView(Protocol):
+    """What Intake needs of a session (relay.intake.session.SessionView)."""
+
+    sid: str
+    client_ip: str
+    auth_user: str | None
+    session: Any  # aiosmtpd's Session: host_name, extended_smtp
+
+    @property
+    def authenticated(self) -> bool: ...
+
+    def tls_info(self) -> tuple[str | None, str | None]: ...
+
+    def shutdown_idle(self) -> None: ...
+
+    def close_now(self, reason: str) -> None: ...
+
+
+class MessageSink(Protocol):
+    """Where accepted mail goes (relay.store.Store)."""
+
+    def new_id(self, now: float) -> str: ...
+
+    async def enqueue(self, envelope: Envelope, *, now: float, qid: str | None = None
+                      ) -> str: ...
+
+
+@dataclass(frozen=True)
+class IntakeSettings:
+    hostname: str
+    allowed_networks: tuple[IpNetwork, ...] = ()
+    max_message_size: int = 10_240_000
+    max_recipients: int = 1000
+    max_connections: int = 200
+    max_connections_per_ip: int = 50
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    max_line_length: int = 4096
+    max_hops: int = 50
+
+    @classmethod
+    def from_config(cls, lc: ListenerConfig, hostname: str) -> IntakeSettings:
+        return cls(
+            hostname=hostname, allowed_networks=tuple(lc.allowed_networks),
+            max_message_size=lc.max_message_size, max_recipients=lc.max_recipients,
+            max_connections=lc.max_connections,
+            max_connections_per_ip=lc.max_connections_per_ip,
+            command_timeout=lc.command_timeout, data_timeout=lc.data_timeout,
+            max_line_length=lc.max_line_length, max_hops=lc.max_hops,
+        )
+
+
+class Intake:
+    """Policy, limits and storage hand-off shared by every session of one listener."""
+
+    def __init__(self, settings: IntakeSettings, sink: MessageSink, *,
+                 tls_context: Any = None, users: UserDb | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.tls_context = tls_context
+        self.users = users
+        self.clock = clock
+        self.sessions: set[SessionView] = set()
+        self._per_ip: Counter[str] = Counter()
+        self.draining = False
+        self.empty = asyncio.Event()
+        self.empty.set()
+
+    # --- connections -------------------------------------------------------------------
+
+    def admit(self, session: SessionView) -> str | None:
+        """None when the session may proceed, else the 421 reply that ends it."""
+        host, ip = self.settings.hostname, session.client_ip
+        if self.draining:
+            return f"421 4.3.2 {host} Service shutting down, try again later"
+        if len(self.sessions) >= self.settings.max_connections:
+            return f"421 4.7.0 {host} Error: too many connections, try again later"
+        if self._per_ip[ip] >= self.settings.max_connections_per_ip:
+            return f"421 4.7.0 {host} Error: too many connections from {ip}"
+        self.sessions.add(session)
+        self._per_ip[ip] += 1
+        self.empty.clear()
+        return None
+
+    def release(self, session: SessionView) -> None:
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        self._per_ip[session.client_ip] -= 1
+        if self._per_ip[session.client_ip] <= 0:
+            del self._per_ip[session.client_ip]
+        if not self.sessions:
+            self.empty.set()
+
+    def begin_drain(self) -> None:
+        """No new sessions or transactions; idle sessions are told 421 and closed."""
+        self.draining = True
+        for session in list(self.sessions):
+            session.shutdown_idle()
+
+    # --- policy ------------------------------------------------------------------------
+
+    def relay_allowed(self, client_ip: str, authenticated: bool) -> bool:
+        if authenticated:
+            return True
+        try:
+            addr = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.settings.allowed_networks)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.users is not None and self.tls_context is not None
+
+    async def authenticate(self, user: str, password: bytes) -> bool:
+        if self.users is None:
+            return False
+        return await asyncio.to_thread(self.users.verify, user, password)
+
+    # --- storage -----------------------------------------------------------------------
+
+    async def accept(self, session: SessionView, txn: Transaction,
+                     body: bytes) -> tuple[str, dict[str, Any]]:
+        """Prepend Received:, enqueue, and return the reply for the final dot."""
+        assert session.session is not None
+        now = self.clock()
+        hops = count_received(body)
+        if hops >= self.settings.max_hops:  # RFC 5321 §6.3, Postfix's hopcount_limit
+            return (f"554 5.4.6 Too many hops ({hops} Received: headers): mail loop?",
+                    {"sender": txn.sender, "hops": hops})
+        tls_version, cipher = session.tls_info()
+        proto = protocol(esmtp=session.session.extended_smtp, tls=tls_version is not None,
+                         auth=session.authenticated, smtputf8=txn.smtputf8)
+        qid = self.sink.new_id(now)  # known before COMMIT: Received: names it (Postfix)
+        header = received_header(
+            helo=session.session.host_name, client_ip=session.client_ip,
+            hostname=self.settings.hostname, proto=proto, queue_id=qid,
+            now=dt.datetime.fromtimestamp(now).astimezone(),
+            recipients=tuple(txn.recipients), tls_version=tls_version, tls_cipher=cipher,
+        )
+        envelope = Envelope(
+            sender=txn.sender, recipients=tuple(txn.recipients), body=header + body,
+            smtputf8=txn.smtputf8, body_8bit=txn.body_8bit or not body.isascii(),
+            client_ip=session.client_ip,
+            client_helo=sanitize_token(session.session.host_name, limit=255),
+            auth_user=session.auth_user,
+        )
+        fields: dict[str, Any] = {"sender": txn.sender, "recipients": len(txn.recipients)}
+        try:
+            qid = await self.sink.enqueue(envelope, now=now, qid=qid)
+        except StorageFull:
+            return REPLY_FULL, fields
+        except StoreError:
+            return REPLY_UNAVAILABLE, fields
+        except (RelayError, OSError, ValueError) as exc:
+            event("internal_error", level="error", session=session.sid,
+                  client_ip=session.client_ip, error=f"{type(exc).__name__}: {exc}")
+            return REPLY_UNAVAILABLE, fields
+        event("received", id=qid, session=session.sid, client_ip=session.client_ip,
+              sender=txn.sender, recipients=len(txn.recipients), size=len(envelope.body),
+              protocol=proto, auth_user=session.auth_user)
+        return f"250 2.0.0 Ok: queued as {qid}", fields
+
+
+def count_received(body: bytes) -> int:
+    """Received: header fields in the message's header section."""
+    end = body.find(b"\r\n\r\n")
+    head = body if end < 0 else body[:end + 2]
+    return sum(1 for line in head.split(b"\r\n") if line[:9].lower() == b"received:")
+
+
