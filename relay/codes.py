@@ -61,6 +61,56 @@ _TABLE: dict[str, CodeInfo] = {
         "administrator.",
         "The domain's name servers time out or fail (SERVFAIL) on MX/A/AAAA queries.",
     ),
+    # MTA-STS (RFC 8461): the relay's own codes; the text says "MTA-STS" and what failed.
+    "7.341": CodeInfo(
+        "7.341",
+        "sts-starttls-not-supported: Destination mail server must support TLS to receive "
+        "mail (MTA-STS).",
+        "starttls-not-supported",
+        "Ask the recipient's mail administrator to enable STARTTLS on their mail servers: "
+        "their MTA-STS policy (mode enforce) requires it.",
+        "The domain's MTA-STS policy is in enforce mode, so TLS is mandatory: make every MX "
+        "host offer STARTTLS and complete a TLS 1.2+ handshake.",
+    ),
+    "7.342": CodeInfo(
+        "7.342",
+        "sts-certificate-invalid: Destination mail server's certificate failed MTA-STS "
+        "(web PKI) validation.",
+        None,  # the RFC 8460 type names what failed: host mismatch, expired, not trusted
+        "Tell the recipient's mail administrator that their mail server's certificate is "
+        "not valid for its MTA-STS policy; the message cannot be delivered securely until "
+        "fixed.",
+        "The domain's MTA-STS policy is in enforce mode: every MX host must present a "
+        "certificate from a publicly trusted CA, within its validity dates, whose "
+        "subjectAltName covers the MX host name.",
+    ),
+    "7.343": CodeInfo(
+        "7.343",
+        "sts-mx-mismatch: No MX host of the domain matches its MTA-STS policy.",
+        "validation-failure",
+        "Tell the recipient's mail administrator that their MX records do not match their "
+        "MTA-STS policy.",
+        "The MX host names are not covered by any mx: pattern of the MTA-STS policy (mode "
+        "enforce): add them to the policy (and change the id of the _mta-sts TXT record), "
+        "or fix the MX records.",
+    ),
+    # REQUIRETLS (RFC 8689)
+    "7.30": CodeInfo(
+        "7.30",
+        "REQUIRETLS support required",
+        None,
+        "The message was sent with REQUIRETLS, and no mail server of the recipient's domain "
+        "supports REQUIRETLS; send it without REQUIRETLS if that is acceptable.",
+        "Offer REQUIRETLS (RFC 8689) on the domain's mail servers.",
+    ),
+    "7.10": CodeInfo(
+        "7.10",
+        "Encryption Needed: REQUIRETLS needs a destination authenticated by DANE or MTA-STS",
+        None,
+        "The message was sent with REQUIRETLS, but the recipient's domain publishes neither "
+        "DANE (TLSA) records nor an MTA-STS policy, so it cannot be delivered securely.",
+        "Publish TLSA records (DANE) or an MTA-STS policy for the domain's mail servers.",
+    ),
     "1.2": CodeInfo(
         "1.2",
         "Recipient domain does not exist",
@@ -146,3 +196,8 @@ NO_SUCH_DOMAIN = "5.1.2"
 NULL_MX = "5.1.10"
 LOOP = "5.4.6"
 NO_SMTPUTF8 = "5.6.7"
+STS_STARTTLS = "4.7.341"
+STS_CERTIFICATE = "4.7.342"
+STS_MX_MISMATCH = "4.7.343"
+REQUIRETLS_UNSUPPORTED = "5.7.30"
+REQUIRETLS_UNAUTHENTICATED = "5.7.10"

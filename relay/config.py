@@ -213,6 +213,34 @@ class DomainPolicy(_Section):
     dane: DaneMode = DaneMode.OPPORTUNISTIC
     """"opportunistic" (DANE where the DNS says so), "mandatory" (never without an
     authenticated DANE session) or "off" (ignore TLSA; opportunistic TLS)."""
+    mta_sts: Literal["policy", "enforce", "off"] = "policy"
+    """MTA-STS for this domain: "policy" (as its published policy says), "enforce" (a
+    policy in testing mode is enforced) or "off" (the policy is neither fetched nor
+    applied)."""
+
+
+class MtaStsConfig(_Section):
+    """MTA-STS (RFC 8461): policies fetched over HTTPS for domains that do not use DANE."""
+
+    enabled: bool = True
+    """Discover, fetch and apply MTA-STS policies (DANE still wins where a host has
+    usable TLSA records)."""
+    ca_file: Path | None = None
+    """PEM file of the trusted CAs for the policy fetch and for MX certificates under a
+    policy; default: the system's trust store. It replaces the system's store."""
+    connect_timeout: Duration = 10.0
+    """TCP connect and TLS handshake with the policy host."""
+    fetch_timeout: Duration = 20.0
+    """Whole policy fetch (connect, request, the response to its last byte)."""
+    max_policy_size: Size = 65536
+    """Largest policy body read; a larger one is a fetch failure."""
+    refresh_interval: Duration = 86400.0
+    """Cached policies are checked again (TXT id, then a fetch) this often in the
+    background, so that an expired policy rarely makes delivery wait (RFC 8461 §10.2)."""
+    refresh_before: Duration = 86400.0
+    """A cached policy this close to its expiry is fetched again in the background."""
+    failure_retry: Duration = 300.0
+    """After a failed fetch, the same policy host is not asked again for this long."""
 
 
 class RouteConfig(_Section):
@@ -282,6 +310,9 @@ class DeliveryConfig(_Section):
     connection_reuse_time: Duration = 300.0
     """Oldest age of a connection that is still reused (Postfix's
     smtp_connection_reuse_time_limit)."""
+    honor_tls_required_no: bool = False
+    """Honour a "TLS-Required: No" header field (RFC 8689 §5): such a message is delivered
+    despite DANE and MTA-STS failures. Off by default: the relay exists to enforce."""
 
 
 class NdrConfig(_Section):
@@ -369,10 +400,11 @@ class Config(_Section):
     delivery: DeliveryConfig = DeliveryConfig()
     ndr: NdrConfig = NdrConfig()
     tlsrpt: TlsRptConfig = TlsRptConfig()
+    mta_sts: MtaStsConfig = MtaStsConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     domains: dict[str, DomainPolicy] = {}
-    """Per-domain DANE policy overrides."""
+    """Per-domain DANE and MTA-STS policy overrides."""
     routes: tuple[RouteConfig, ...] = ()
     """Fixed next hops instead of MX."""
 
@@ -481,7 +513,7 @@ def dump_value(name: str, value: Any) -> Any:
 def _duration_fields() -> set[str]:
     names: set[str] = set()
     for section in (ListenerConfig, QueueConfig, DnsConfig, DeliveryConfig, NdrConfig,
-                    TlsRptConfig):
+                    TlsRptConfig, MtaStsConfig):
         for name, f in section.model_fields.items():
             if "parse_duration" in repr(f.annotation) or any(
                 getattr(m, "func", None) is parse_duration for m in f.metadata

@@ -119,6 +119,7 @@ class TlsRequirement(StrEnum):
 
     DANE = "dane"  # TLS mandatory + authentication against usable TLSA records
     ENCRYPT = "encrypt"  # TLS mandatory, no authentication (TLSA present but none usable)
+    STS = "sts"  # TLS mandatory + a web-PKI certificate for the MX name (MTA-STS enforce)
     MAY = "may"  # opportunistic TLS; cleartext if STARTTLS is absent or fails
     NONE = "none"  # cleartext only (routes that ask for it)
 
@@ -129,6 +130,42 @@ class DaneMode(StrEnum):
     OPPORTUNISTIC = "opportunistic"  # the default: DANE where the DNS says so
     MANDATORY = "mandatory"  # no delivery without an authenticated DANE session
     OFF = "off"  # ignore TLSA; opportunistic TLS
+
+
+@dataclass(frozen=True)
+class StsState:
+    """The MTA-STS policy (RFC 8461) that applies to one destination in one attempt.
+
+    `state`: "policy" (a policy applies), "none" (no policy published, or mode none),
+    "failed" (a policy is published but none could be fetched and none is cached:
+    delivery goes on as without one), "off" (turned off by configuration), "route" (a
+    [[routes]] next hop: not the domain's MX), "dnssec-invalid" (the TXT lookup was
+    bogus and no policy is cached). `mode` is the effective mode (a domain's
+    `mta_sts = "enforce"` makes testing enforce); `published_mode` the policy's own.
+    """
+
+    state: str
+    mode: str = ""  # "enforce" | "testing" | "none" | ""
+    policy_id: str = ""
+    patterns: tuple[str, ...] = ()
+    lines: tuple[str, ...] = ()  # the policy text, line by line (TLS-RPT policy-string)
+    source: str = ""  # "fetched" | "cached"
+    max_age: int = 0
+    expires_at: float | None = None
+    failure_type: str | None = None  # RFC 8460 sts-* type of a discovery/fetch failure
+    detail: str = ""
+    published_mode: str = ""
+
+    @property
+    def applies(self) -> bool:
+        return self.state == "policy" and self.mode in ("enforce", "testing")
+
+    def summary(self) -> str:
+        """One line for traces: `mta-sts enforce id=2024 (cached)`."""
+        if self.state == "policy":
+            src = f" ({self.source})" if self.source else ""
+            return f"mta-sts {self.mode} id={self.policy_id}{src}"
+        return f"mta-sts {self.state}" + (f": {self.detail}" if self.detail else "")
 
 
 # --- Outcomes ---------------------------------------------------------------------------
@@ -185,8 +222,8 @@ class SessionResult:
     """One result to count: a successful or failed session for one policy."""
 
     policy_domain: str
-    policy_type: str  # "tlsa" | "no-policy-found"
-    policy_strings: tuple[str, ...]  # the TLSA records, presentation format
+    policy_type: str  # "tlsa" | "sts" | "no-policy-found"
+    policy_strings: tuple[str, ...]  # the TLSA records, or the MTA-STS policy's lines
     mx_host: str
     result_type: str = ""  # "" for success, else an RFC 8460 result type
     sending_ip: str = ""

@@ -26,7 +26,15 @@ from typing import Any
 
 from relay import codes, dane
 from relay.config import Config, RouteConfig, split_hostport
-from relay.model import DaneMode, DnsAnswer, MxRecord, Rcode, TlsaRecord, TlsRequirement
+from relay.model import (
+    DaneMode,
+    DnsAnswer,
+    MxRecord,
+    Rcode,
+    StsState,
+    TlsaRecord,
+    TlsRequirement,
+)
 
 # RFC 8460 result types used for failures decided here.
 DNSSEC_INVALID = "dnssec-invalid"
@@ -35,7 +43,7 @@ DANE_REQUIRED = "dane-required"
 # When no host is usable, the domain is deferred with the most specific code.
 _SPECIFICITY = {codes.DNSSEC_INVALID: 3, codes.TLSA_INVALID: 2, codes.DNS_FAILED: 1}
 _STRENGTH = {TlsRequirement.NONE: 0, TlsRequirement.MAY: 1, TlsRequirement.ENCRYPT: 2,
-             TlsRequirement.DANE: 3}
+             TlsRequirement.STS: 3, TlsRequirement.DANE: 4}
 
 
 class PlanAction(StrEnum):
@@ -153,6 +161,9 @@ class HostPlan:
     reference_names: tuple[str, ...]  # DANE-TA name checks: base, MX host, domain if secure
     failure_type: str | None = None  # RFC 8460 result type of the failure, if any
     lookups: tuple[DnsAnswer, ...] = ()  # address and TLSA answers (trace, relay check)
+    sts: str = ""  # MTA-STS for this host (relay.sts.decide): "" none, "enforce" (web
+    # PKI required), "testing" (checked and reported only), "dane" (DANE decides),
+    # "mismatch" (not in the policy's mx patterns)
 
     @property
     def usable(self) -> bool:
@@ -185,6 +196,7 @@ class DomainPlan:
     dane_mode: DaneMode = DaneMode.OPPORTUNISTIC
     route: str | None = None  # the [[routes]] domain that applied
     failure_type: str | None = None
+    sts: StsState | None = None  # the MTA-STS policy applied (None: not looked up)
 
     @property
     def usable_hosts(self) -> tuple[HostPlan, ...]:

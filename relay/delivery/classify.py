@@ -187,7 +187,8 @@ def no_route(detail: str = "") -> Outcome:
 # --- choosing among the failures of several MX hosts ---------------------------------------
 
 # Most specific first. Ranks are compared on the part after the class digit.
-_PRECEDENCE = ("7.324", "7.322", "7.323", "7.321", "4.312")
+_PRECEDENCE = ("7.324", "7.322", "7.323", "7.321", "7.342", "7.341", "7.343", "7.30",
+               "7.10", "4.312")
 _RANK_SPECIFIC = len(_PRECEDENCE)  # any other code with a specific subject/detail
 _RANK_NETWORK = _RANK_SPECIFIC + 1  # x.4.* transport failures
 _RANK_GENERIC = _RANK_SPECIFIC + 2  # x.0.0, x.N.0 and anything unparseable
@@ -220,14 +221,18 @@ def most_specific(codes: Iterable[str]) -> str:
     3. ``X.7.323`` tlsa-invalid: the host was reached, presented certificates, and none
        matched; a more precise statement than "no TLS".
     4. ``X.7.321`` starttls-not-supported: reached, but no TLS where it was mandatory.
-    5. ``X.4.312`` DNS query failed: the host's records could not be fetched at all.
-    6. Any other code with a specific subject and detail (a server's own ``4.2.2``,
+    5. The MTA-STS codes (``X.7.342`` certificate, ``X.7.341`` no STARTTLS, ``X.7.343``
+       MX not in the policy, in that order) and REQUIRETLS's ``X.7.30``/``X.7.10``: the
+       same defects where a policy rather than DNSSEC demands TLS.
+    6. ``X.4.312`` DNS query failed: the host's records could not be fetched at all.
+    7. Any other code with a specific subject and detail (a server's own ``4.2.2``,
        ``4.7.1`` ...): the destination said something about this mail.
-    7. Transport failures ``X.4.*`` (``4.4.1`` no answer, ``4.4.2`` connection
+    8. Transport failures ``X.4.*`` (``4.4.1`` no answer, ``4.4.2`` connection
        dropped): they say the least about the destination and may be ours.
-    8. Generic codes (``X.0.0``, ``X.N.0``) and anything unparseable.
+    9. Generic codes (``X.0.0``, ``X.N.0``) and anything unparseable.
 
-    The first five are the contract codes of SPEC.md: they name a defect in the
+    Ranks 1-4 and 6 are the contract codes of SPEC.md, rank 5 the relay's MTA-STS and
+    REQUIRETLS codes: they name a defect in the
     destination's DNS or TLS set-up that its administrator can fix, which is what the
     sender and the operator need to see; the later ranks order the rest by how much they
     tell. Ties keep the first one given (MX order). With no codes at all (no host could

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2] / "relay"
 BASE = {"relay", "relay.codes", "relay.config", "relay.configdoc",
         "relay.errors", "relay.idn", "relay.log", "relay.model", "relay.tasks"}
 PACKAGES = ("cli", "check", "dane", "delivery", "dns", "intake", "ops", "smtp", "store",
-            "tlsrpt")
+            "sts", "tlsrpt")
 # Which parts each part may import (besides itself). "app" is relay/app.py.
 ALLOWED: dict[str, set[str]] = {
     "base": set(),
@@ -24,13 +24,15 @@ ALLOWED: dict[str, set[str]] = {
     "store": {"base"},
     "intake": {"base"},
     "dns": {"base", "dane"},
-    "delivery": {"base", "dane", "dns", "smtp", "store"},
-    "tlsrpt": {"base", "dane", "dns", "smtp", "store", "delivery"},
-    "check": {"base", "dane", "dns", "smtp", "delivery"},
+    "sts": {"base", "dane", "dns", "store"},
+    "delivery": {"base", "dane", "dns", "smtp", "store", "sts"},
+    "tlsrpt": {"base", "dane", "dns", "smtp", "store", "sts", "delivery"},
+    "check": {"base", "dane", "dns", "smtp", "sts", "delivery"},
     "ops": {"base", "dns", "store"},
-    "app": {"base", "dane", "dns", "smtp", "store", "intake", "delivery", "tlsrpt", "ops"},
-    "cli": {"base", "dane", "dns", "smtp", "store", "intake", "delivery", "tlsrpt", "check",
-            "ops", "app"},
+    "app": {"base", "dane", "dns", "smtp", "store", "intake", "sts", "delivery", "tlsrpt",
+            "ops"},
+    "cli": {"base", "dane", "dns", "smtp", "store", "intake", "sts", "delivery", "tlsrpt",
+            "check", "ops", "app"},
 }
 PURE = [
     "relay.codes", "relay.model", "relay.errors",
@@ -38,7 +40,7 @@ PURE = [
     "relay.dns.wire", "relay.smtp.protocol", "relay.store.periods",
     "relay.delivery.classify", "relay.delivery.retry", "relay.delivery.dsn",
     "relay.delivery.verdict", "relay.delivery.trace", "relay.tlsrpt.report", "relay.intake.address",
-    "relay.intake.received",
+    "relay.intake.received", "relay.sts.record", "relay.sts.webpki", "relay.sts.decide",
 ]
 IO_MODULES = {"asyncio", "socket", "ssl", "aiosqlite", "sqlite3", "selectors", "subprocess",
               "time", "http", "urllib.request", "aiosmtpd"}
