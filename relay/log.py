@@ -39,6 +39,9 @@ EVENTS: dict[str, str] = {
     "delay_warning": "a delay warning was queued (id, warning_id)",
     "queue_op": "an operator changed the queue (op, id)",
     "purged": "finished messages past trace retention were removed (count)",
+    # MTA-STS
+    "sts_fetched": "an MTA-STS policy was fetched and cached (domain, policy_id, mode, max_age)",
+    "sts_fetch_failed": "an MTA-STS policy fetch failed (domain, policy_id, result_type, detail)",
     # reporting
     "tlsrpt_sent": "a TLS report was sent (policy_domain, via)",
     "tlsrpt_failed": "a TLS report could not be sent (policy_domain, via, detail)",

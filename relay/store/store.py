@@ -34,6 +34,7 @@ from relay.store.records import (
     build_jobs,
 )
 from relay.store.sqlfiles import Q
+from relay.store.sts import StsStore
 from relay.store.tlsrpt import TlsRptStore
 from relay.store.writer import Writer
 
@@ -48,7 +49,7 @@ def header_section(body: bytes) -> bytes:
     return head[:HEADERS_MAX]
 
 
-class Store(TlsRptStore):
+class Store(TlsRptStore, StsStore):
     """Open with `await Store.open(path)`; close with `await store.close()`."""
 
     def __init__(self, path: Path, writer: Writer, reader: aiosqlite.Connection) -> None:

@@ -187,6 +187,7 @@ REC = decide.Txt(decide.TxtKind.RECORD, "1")
     (None, REC, decide.Step.FETCH),
     (cached(), REC, decide.Step.USE),
     (cached(expires=T + 10), REC, decide.Step.REFRESH),  # near expiry
+    (cached(expires=T + 99), REC, decide.Step.REFRESH),
     (cached(pid="0"), REC, decide.Step.FETCH),  # id changed
     (cached(expires=T - 1), REC, decide.Step.FETCH),  # expired
     (cached(), decide.Txt(decide.TxtKind.ABSENT), decide.Step.USE),  # TXT hidden: cache

@@ -299,3 +299,50 @@ DELETE FROM tlsrpt_periods
 WHERE closed_at IS NOT NULL AND closed_at < :before
   AND NOT EXISTS (SELECT 1 FROM tlsrpt_reports r
                   WHERE r.period_id = tlsrpt_periods.id AND r.state = 'pending');
+
+-- --- MTA-STS policy cache (RFC 8461) -----------------------------------------------
+
+-- name: sts_get
+SELECT domain, policy_id, policy, fetched_at, expires_at, checked_at, failed_at, failed_id,
+       failure, failure_type
+FROM sts_policies WHERE domain = :domain;
+
+-- name: sts_put
+INSERT INTO sts_policies (domain, policy_id, policy, mode, max_age, fetched_at, expires_at,
+                          checked_at)
+VALUES (:domain, :policy_id, :policy, :mode, :max_age, :now, :expires_at, :now)
+ON CONFLICT (domain) DO UPDATE SET
+    policy_id = excluded.policy_id, policy = excluded.policy, mode = excluded.mode,
+    max_age = excluded.max_age, fetched_at = excluded.fetched_at,
+    expires_at = excluded.expires_at, checked_at = excluded.checked_at,
+    failed_at = NULL, failed_id = '', failure = '', failure_type = '';
+
+-- name: sts_fail
+-- A failed fetch: the cached policy (if any) stays as it is (RFC 8461 §5.1).
+INSERT INTO sts_policies (domain, checked_at, failed_at, failed_id, failure, failure_type)
+VALUES (:domain, :now, :now, :policy_id, :failure, :failure_type)
+ON CONFLICT (domain) DO UPDATE SET
+    checked_at = excluded.checked_at, failed_at = excluded.failed_at,
+    failed_id = excluded.failed_id, failure = excluded.failure,
+    failure_type = excluded.failure_type;
+
+-- name: sts_checked
+UPDATE sts_policies SET checked_at = :now WHERE domain = :domain;
+
+-- name: sts_due
+-- Cached policies to look at again in the background: not checked since
+-- :checked_before, or within min(:refresh_before, max_age / 4) of their expiry (a policy
+-- already expired is left to the next delivery, which fetches it anyway).
+SELECT domain FROM sts_policies
+WHERE policy != '' AND expires_at > :now
+  AND (checked_at IS NULL OR checked_at <= :checked_before
+       OR expires_at - :now < min(:refresh_before, max_age / 4.0))
+ORDER BY checked_at LIMIT :limit;
+
+-- name: sts_list
+SELECT domain, policy_id, policy, fetched_at, expires_at, checked_at, failed_at, failed_id,
+       failure, failure_type
+FROM sts_policies ORDER BY domain;
+
+-- name: sts_delete
+DELETE FROM sts_policies WHERE domain = :domain;
