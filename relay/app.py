@@ -35,6 +35,8 @@ from relay.intake.listener import Listener, load_tls, load_users
 from relay.log import event
 from relay.ops.components import MetricsComponent, ResolverProbe
 from relay.store import Store
+from relay.sts.fetch import load_trust
+from relay.sts.source import StsRefresher, StsSource
 
 DRAIN_TIMEOUT = 30.0  # seconds the first signal waits for open work before stopping
 STOP_TIMEOUT = 5.0  # seconds one component may take to stop after the drain
@@ -152,11 +154,18 @@ def build_components(cfg: Config, store: Store, *, tls: ssl.SSLContext | None,
         from relay.tlsrpt.reporter import TlsReporter
 
         reporter = TlsReporter(store, resolver, cfg, hostname=hostname)
+    sts: StsSource | None = None
+    if cfg.mta_sts.enabled and cfg.delivery.enabled:
+        trust = load_trust(cfg.mta_sts.ca_file)  # a bad ca_file is a configuration error
+        sts = StsSource(resolver, cfg, store, trust=trust)
     if cfg.delivery.enabled:
-        settings = DeliverySettings.from_config(cfg, hostname)
-        components.append(Scheduler(store, Deliverer(resolver, cfg, settings), cfg,
+        settings = DeliverySettings.from_config(cfg, hostname,
+                                                roots=sts.trust.roots if sts else None)
+        components.append(Scheduler(store, Deliverer(resolver, cfg, settings, sts=sts), cfg,
                                     hostname=hostname, own_endpoints=lambda: listener.bound,
                                     tlsrpt_record=reporter.record if reporter else None))
+    if sts is not None:
+        components.append(StsRefresher(sts, store))
     if reporter is not None:
         components.append(reporter)
     components.append(ResolverProbe(resolver))

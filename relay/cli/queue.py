@@ -136,7 +136,7 @@ def format_show(m: MessageInfo, now: float) -> str:
                 host += f" [{a.ip}]"
             facts = " ".join(
                 f"{k}={v}" for k, v in (("dnssec", a.dnssec), ("tlsa", a.tlsa), ("tls", a.tls),
-                                        ("dane", a.dane)) if v
+                                        ("dane", a.dane), ("policy", a.policy)) if v
             )
             out.append(f"    {iso(a.at)}  {host}  {a.code or '-'}  {facts}".rstrip())
             if a.reply:

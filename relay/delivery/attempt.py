@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from cryptography.x509.verification import Store
+
 from relay import codes as codetable
 from relay.config import Config
 from relay.dane.policy import DomainPlan, HostPlan, PlanAction, shuffle_equal_preference
@@ -36,13 +38,14 @@ from relay.delivery import classify
 from relay.delivery import verdict as hostverdict
 from relay.delivery.connpool import SessionPool
 from relay.delivery.destination import plan_destination
-from relay.delivery.trace import AttemptReport, HostAttempt, tlsa_summary
+from relay.delivery.trace import AttemptReport, HostAttempt, policy_text, tlsa_summary
 from relay.dns.resolve import Resolver
 from relay.errors import SmtpClientError, TlsError
 from relay.log import event
-from relay.model import Outcome, TlsRequirement
+from relay.model import Outcome, StsState, TlsRequirement
 from relay.smtp.client import SmtpSession, Timeouts
 from relay.smtp.protocol import Reply, TlsInfo, TransactionResult
+from relay.sts.source import StsSource
 
 Clock = Callable[[], float]
 
@@ -60,9 +63,11 @@ class DeliverySettings:
     own_endpoints: frozenset[tuple[str, int]] = frozenset()  # our listener: a loop
     local_addresses: frozenset[str] = frozenset()  # this machine's (wildcard listener)
     max_addresses: int = 8
+    roots: Store | None = None  # the web PKI for MTA-STS (relay.sts.fetch.load_trust)
 
     @classmethod
-    def from_config(cls, cfg: Config, hostname: str) -> DeliverySettings:
+    def from_config(cls, cfg: Config, hostname: str, *,
+                    roots: Store | None = None) -> DeliverySettings:
         return cls(
             helo_name=cfg.delivery.helo_name or hostname,
             timeouts=Timeouts.from_config(cfg.delivery),
@@ -73,6 +78,7 @@ class DeliverySettings:
             own_endpoints=own_endpoints(cfg.listener.host, cfg.listener.port),
             local_addresses=machine_addresses(),
             max_addresses=cfg.dns.max_addresses_per_host,
+            roots=roots,
         )
 
 
@@ -124,6 +130,7 @@ class _Opened:
     security: str
     use_tls: bool
     local_ip: str
+    failure_type: str | None = None  # a failure an MTA-STS testing policy only reports
 
 
 @dataclass
@@ -145,8 +152,10 @@ class Deliverer:
     """Runs attempts. Stateless between attempts except the resolver's cache."""
 
     def __init__(self, resolver: Resolver, config: Config, settings: DeliverySettings, *,
-                 rng: random.Random | None = None, clock: Clock = time.time) -> None:
+                 rng: random.Random | None = None, clock: Clock = time.time,
+                 sts: StsSource | None = None) -> None:
         self.resolver = resolver
+        self.sts = sts
         self.config = config
         self.settings = settings
         self.rng = rng or random.Random()
@@ -159,20 +168,42 @@ class Deliverer:
     @property
     def limits(self) -> hostverdict.Limits:
         s = self.settings
-        return hostverdict.Limits(s.ee_check_expiry, s.max_tlsa_records, s.max_chain)
+        return hostverdict.Limits(s.ee_check_expiry, s.max_tlsa_records, s.max_chain,
+                                  s.roots)
 
     async def deliver(self, domain: str, sender: str, recipients: Sequence[str], body: bytes,
                       *, smtputf8: bool = False, size: int | None = None,
                       relax_dane: bool = False) -> AttemptReport:
         """`relax_dane`: for TLS report mail (RFC 8460 §3: reports are delivered despite
         TLS failures of the receiving domain), see `relaxed_plan`."""
-        plan = await plan_destination(domain, self.resolver, self.config)
+        plan = await plan_destination(domain, self.resolver, self.config, sts=self.sts)
         return await self.deliver_plan(plan, sender, recipients, body, smtputf8=smtputf8,
                                        size=size, relax_dane=relax_dane)
+
+    async def recheck_sts(self, domain: str, old: StsState | None) -> bool:
+        """RFC 8461 §5.1, before a bounce for an MTA-STS failure: True when the domain's
+        policy changed (the caller then tries once more under the new one)."""
+        if self.sts is None:
+            return False
+        return await self.sts.recheck(domain, old) is not None
 
     async def deliver_plan(self, plan: DomainPlan, sender: str, recipients: Sequence[str],
                            body: bytes, *, smtputf8: bool = False,
                            size: int | None = None, relax_dane: bool = False) -> AttemptReport:
+        report = await self._deliver_plan(plan, sender, recipients, body, smtputf8=smtputf8,
+                                          size=size, relax_dane=relax_dane)
+        by_name = {h.name: h for h in report.plan.hosts}
+        hosts = tuple(replace(h, policy=policy_text(report.plan, by_name.get(h.mx)))
+                      for h in report.hosts)
+        delivered = next((h for h in hosts if report.delivered_by is not None
+                          and h.mx == report.delivered_by.mx
+                          and h.ip == report.delivered_by.ip), report.delivered_by)
+        return replace(report, hosts=hosts, delivered_by=delivered)
+
+    async def _deliver_plan(self, plan: DomainPlan, sender: str, recipients: Sequence[str],
+                            body: bytes, *, smtputf8: bool = False,
+                            size: int | None = None, relax_dane: bool = False
+                            ) -> AttemptReport:
         if relax_dane:
             plan = relaxed_plan(plan)
         walk = _Walk()
@@ -340,9 +371,12 @@ class Deliverer:
                     return _HostFailure(out, _trace(
                         host, ip, tls=_tls_text(tls), dane=judged.dane_text, code=out.code,
                         reply=out.reply, security="failed", local_ip=local,
-                        failure_type=codetable.tlsrpt_result_type(out.code), tls_info=tls))
+                        failure_type=hostverdict.chain_failure_type(judged, out),
+                        tls_info=tls))
                 dane_text, security = judged.dane_text, judged.security
+                reported = judged.failure_type
                 await sess.ehlo()
+                return _Opened(tls, dane_text, security, use_tls, local, reported)
         return _Opened(tls, dane_text, security, use_tls, local)
 
     async def _transact(self, sess: SmtpSession, host: HostPlan, ip: str,
@@ -355,6 +389,7 @@ class Deliverer:
         plain_type = None  # opportunistic TLS that ended in cleartext: a TLS-RPT failure
         if tls is None and req is not TlsRequirement.NONE:
             plain_type = "starttls-not-supported" if opened.use_tls else "validation-failure"
+        plain_type = plain_type or opened.failure_type
         trace = _trace(host, ip, tls=_tls_text(tls), dane=opened.dane_text,
                        security=opened.security, tls_info=tls, local_ip=opened.local_ip,
                        failure_type=plain_type)

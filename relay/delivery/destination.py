@@ -5,20 +5,26 @@
 MX (or the `[[routes]]` next hops) → A/AAAA of every host concurrently (per
 `delivery.ipv4` / `delivery.ipv6`) → TLSA `_<port>._tcp.<base>` only where relay.dane.policy
 asks for it (never for a host whose addresses are insecure) → relay.dane.policy.finish.
-Every decision is made by the pure steps of relay.dane.policy; this module only does lookups.
+Beside the MX lookup, the domain's MTA-STS policy is looked up (relay.sts.source: cache,
+TXT, fetch) and applied to each host (relay.sts.decide.apply_host: DANE wins where a host
+has usable TLSA records). Every decision is made by the pure steps of relay.dane.policy
+and relay.sts.decide; this module only does lookups.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
+from relay import codes
 from relay.config import Config
 from relay.dane.policy import (
     DomainPlan,
     HostPlan,
     HostTarget,
     MxDecision,
+    PlanAction,
     find_route,
     finish,
     host_step,
@@ -31,16 +37,20 @@ from relay.dane.policy import (
     tlsa_step,
 )
 from relay.dns.resolve import Resolver, ValidationProbe
-from relay.model import DnsAnswer, MxRecord
+from relay.model import DnsAnswer, MxRecord, StsState
+from relay.sts.decide import apply_host
+from relay.sts.source import StsSource
 
 
 async def plan_destination(domain: str, resolver: Resolver, config: Config, *,
                            port: int | None = None,
-                           probe: ValidationProbe | None = None) -> DomainPlan:
+                           probe: ValidationProbe | None = None,
+                           sts: StsSource | None = None) -> DomainPlan:
     """The plan for `domain`. `port`: destination port (default `delivery.port`; a route
     hop's own port wins). `probe`: the resolver check to use; by default the resolver's
     cached probe (`Resolver.validation()`), consulted only when
-    `dns.require_validating_resolver` is true. Never raises for DNS trouble."""
+    `dns.require_validating_resolver` is true. `sts`: where MTA-STS policies come from
+    (None: MTA-STS is not looked at). Never raises for DNS trouble."""
     d = normalize(domain)
     opts = options_for(config, d, port=port)
     route = find_route(config, d)
@@ -50,14 +60,26 @@ async def plan_destination(domain: str, resolver: Resolver, config: Config, *,
         gate = resolver_step(d, probe.validating, probe.detail, opts, route)
         if gate is not None:
             return gate
+    state: StsState | None = None
     if route is not None:
         mx = route_step(d, route, opts)
+        if sts is not None:
+            state = StsState("route", detail=f"[[routes]] {route.domain}: MTA-STS applies to "
+                             "the domain's MX hosts only")
+    elif sts is not None:
+        answer, state = await asyncio.gather(resolver.query(d, "MX"), sts.lookup(d))
+        mx = mx_step(d, answer, opts)
     else:
         mx = mx_step(d, await resolver.query(d, "MX"), opts)
     if mx.plan is not None:
-        return mx.plan
+        return replace(mx.plan, sts=state)
+    if state is not None and state.state == "dnssec-invalid":
+        return replace(DomainPlan(d, PlanAction.DEFER, codes.DNSSEC_INVALID,
+                                  f"MTA-STS: {state.detail}", mx_secure=mx.mx_secure,
+                                  mx_answer=mx.mx_answer, dane_mode=opts.dane_mode,
+                                  failure_type="dnssec-invalid"), sts=state)
     hosts = await asyncio.gather(*(plan_host(t, resolver, mx) for t in mx.targets))
-    return finish(mx, hosts)
+    return replace(finish(mx, [apply_host(h, state) for h in hosts]), sts=state)
 
 
 async def plan_host(target: HostTarget, resolver: Resolver, mx: MxDecision) -> HostPlan:
@@ -105,9 +127,20 @@ def host_dict(h: HostPlan) -> dict[str, Any]:
         "tlsa": [str(r) for r in h.tlsa], "usable_tlsa": [str(r) for r in h.usable_tlsa],
         "requirement": str(h.requirement) if h.requirement else None, "usable": h.usable,
         "code": h.unusable_code, "reason": h.reason, "failure_type": h.failure_type,
-        "reference_names": list(h.reference_names),
+        "reference_names": list(h.reference_names), "sts": h.sts or None,
         "lookups": [answer_dict(a) for a in h.lookups],
     }
+
+
+def sts_dict(st: StsState | None) -> dict[str, Any] | None:
+    """The MTA-STS state of a plan as plain data (`relay check --json`)."""
+    if st is None:
+        return None
+    return {"state": st.state, "mode": st.mode or None, "published_mode":
+            st.published_mode or None, "id": st.policy_id or None, "mx": list(st.patterns),
+            "policy": list(st.lines), "source": st.source or None, "max_age": st.max_age or None,
+            "expires_at": st.expires_at, "failure_type": st.failure_type,
+            "detail": st.detail or None}
 
 
 def plan_dict(p: DomainPlan) -> dict[str, Any]:
@@ -115,7 +148,7 @@ def plan_dict(p: DomainPlan) -> dict[str, Any]:
     return {
         "domain": p.domain, "action": str(p.action), "code": p.code, "reason": p.reason,
         "mx_secure": p.mx_secure, "implicit_mx": p.implicit_mx, "dane_mode": str(p.dane_mode),
-        "route": p.route, "failure_type": p.failure_type,
+        "route": p.route, "failure_type": p.failure_type, "sts": sts_dict(p.sts),
         "mx": answer_dict(p.mx_answer) if p.mx_answer else None,
         "hosts": [host_dict(h) for h in p.hosts],
     }

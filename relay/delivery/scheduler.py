@@ -27,7 +27,7 @@ from dataclasses import replace
 from relay.config import Config
 from relay.delivery import classify, dsn, retry
 from relay.delivery.attempt import Deliverer, own_endpoints
-from relay.delivery.trace import AttemptReport
+from relay.delivery.trace import AttemptReport, policy_text
 from relay.errors import NotFound, StoreError
 from relay.log import event
 from relay.model import KIND_TLSRPT, Action, Envelope, Outcome, RecipientStatus
@@ -38,6 +38,7 @@ Clock = Callable[[], float]
 PURGE_EVERY = 600.0  # seconds between purges of finished messages past retention
 KIND_NDR = "ndr"  # extra["kind"] of an NDR we generated
 KIND_POSTMASTER = "ndr-postmaster"  # a failed NDR's copy to the postmaster: dropped on failure
+_STS_DETAILS = ("7.341", "7.342", "7.343")  # MTA-STS failure codes (relay.codes)
 
 
 def _utc(ts: float) -> dt.datetime:
@@ -200,6 +201,11 @@ class Scheduler:
         report = await self.deliverer.deliver(job.domain, job.sender, addresses, body,
                                               smtputf8=job.smtputf8, size=job.size,
                                               relax_dane=job.kind == KIND_TLSRPT)
+        if self._sts_bounce_due(job, report, started) and \
+                await self.deliverer.recheck_sts(job.domain, report.plan.sts):
+            # RFC 8461 §5.1: the policy changed since; one more try under the new one.
+            report = await self.deliverer.deliver(job.domain, job.sender, addresses, body,
+                                                  smtputf8=job.smtputf8, size=job.size)
         finished = self.clock()
         if self.tlsrpt_record is not None and job.kind != KIND_TLSRPT:
             with contextlib.suppress(Exception):  # reporting never affects delivery
@@ -212,6 +218,19 @@ class Scheduler:
         elif (self.config.ndr.delay_warning is not None and job.sender
               and any(u.status is RecipientStatus.DEFERRED for u in result.updates)):
             await self._maybe_delay_warning(job.message_id)
+
+    def _sts_bounce_due(self, job: Job, report: AttemptReport, started: float) -> bool:
+        """Would a recipient now bounce (5xx, or expiry) for an MTA-STS failure?"""
+        d = self.config.delivery
+        for _, addr, attempts in job.recipients:
+            out = report.outcomes.get(addr)
+            if out is None or out.code.partition(".")[2] not in _STS_DETAILS:
+                continue
+            if out.action is Action.BOUNCED or retry.next_attempt(
+                    job.received_at, attempts + 1, started, d.retry_schedule,
+                    d.max_lifetime) is None:
+                return True
+        return False
 
     def _result(self, job: Job, outcomes: dict[str, Outcome], report: AttemptReport | None,
                 started: float, finished: float, *, default: Outcome | None = None,
@@ -249,11 +268,13 @@ class Scheduler:
             for h in report.hosts if report else ():
                 traces.append(AttemptTrace(rid, at=started, mx=h.mx, ip=h.ip, dnssec=h.dnssec,
                                            tlsa=h.tlsa, tls=h.tls, dane=h.dane, code=h.code,
-                                           reply=h.reply))
+                                           reply=h.reply, policy=h.policy))
             if report is None or not report.hosts:
                 traces.append(AttemptTrace(rid, at=started, code=out.code, reply=out.reply,
                                            dnssec=report.plan.mx_answer.security
-                                           if report and report.plan.mx_answer else ""))
+                                           if report and report.plan.mx_answer else "",
+                                           policy=policy_text(report.plan, None)
+                                           if report else ""))
         return JobResult(job.message_id, tuple(updates), tuple(traces))
 
     def _log_hosts(self, job: Job, report: AttemptReport) -> None:
@@ -263,7 +284,7 @@ class Scheduler:
                 dns_failure = "dnssec" if h.code == "4.7.324" else "failure"
             event("attempt", id=job.message_id, domain=job.domain, mx=h.mx, ip=h.ip or None,
                   dnssec=h.dnssec, tlsa=h.tlsa, tls=h.tls or None, dane=h.dane or None,
-                  security=h.security or None, code=h.code or None,
+                  security=h.security or None, code=h.code or None, policy=h.policy or None,
                   tls_version=h.tls_info.version if h.tls_info else None,
                   dns_failure=dns_failure)
         if not report.hosts and report.plan.code:

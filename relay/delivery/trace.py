@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from relay.dane.policy import DomainPlan, HostPlan
-from relay.model import Outcome
+from relay.model import Outcome, TlsRequirement
 from relay.smtp.protocol import TlsInfo
 
 
@@ -31,6 +31,7 @@ class HostAttempt:
     # cleartext fall-back of opportunistic TLS: the mail went, the TLS session did not)
     tls_info: TlsInfo | None = None
     local_ip: str = ""  # our end of the connection (TLS-RPT sending-mta-ip)
+    policy: str = ""  # the TLS policy applied (policy_text)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,31 @@ class AttemptReport:
     plan: DomainPlan
     delivered_by: HostAttempt | None = None
 
+
+
+def policy_text(plan: DomainPlan, host: HostPlan | None) -> str:
+    """The TLS policy an attempt applied to a host, for the trace: "dane", "mta-sts
+    enforce id=… (cached)", "dane (mta-sts enforce id=…: DANE takes precedence)",
+    "mta-sts testing id=…", "opportunistic", …"""
+    st = plan.sts
+    sts = st.summary() if st is not None and st.applies else ""
+    if host is None:
+        return sts
+    req = host.requirement
+    if host.sts == "dane" or (req is TlsRequirement.DANE and sts):
+        return f"dane ({sts}: DANE takes precedence)"
+    if req is TlsRequirement.DANE:
+        return "dane"
+    if host.sts == "mismatch":
+        return f"{sts}: MX host not in the policy"
+    if host.sts in ("enforce", "testing"):
+        return sts
+    base = {TlsRequirement.ENCRYPT: "encrypt (TLSA, none usable)",
+            TlsRequirement.MAY: "opportunistic", TlsRequirement.NONE: "cleartext (route)"}
+    text = base.get(req, "unusable") if req is not None else "unusable"
+    if st is not None and st.state not in ("policy", "none", "off", "route"):
+        text += f"; mta-sts {st.state}: {st.detail}"[:300]
+    return text
 
 
 def tlsa_summary(host: HostPlan) -> str:

@@ -20,12 +20,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from cryptography.x509.verification import Store
+
 from relay import codes as codetable
 from relay import dane
 from relay.dane.policy import DomainPlan, HostPlan, PlanAction
 from relay.delivery import classify
 from relay.errors import SmtpClientError, TlsError
 from relay.model import Action, Outcome, Scope, TlsRequirement
+from relay.sts import webpki
 
 STARTTLS_NOT_SUPPORTED = "starttls-not-supported"  # RFC 8460 result type
 
@@ -37,8 +40,9 @@ class TlsStep(StrEnum):
 
 
 def mandatory(req: TlsRequirement) -> bool:
-    """TLS is mandatory for DANE (usable TLSA) and ENCRYPT (TLSA, none usable)."""
-    return req in (TlsRequirement.DANE, TlsRequirement.ENCRYPT)
+    """TLS is mandatory for DANE (usable TLSA), ENCRYPT (TLSA, none usable) and STS (an
+    MTA-STS policy in enforce mode)."""
+    return req in (TlsRequirement.DANE, TlsRequirement.ENCRYPT, TlsRequirement.STS)
 
 
 def tls_step(req: TlsRequirement, offered: bool, use_tls: bool = True) -> TlsStep:
@@ -57,9 +61,11 @@ def starttls_min_version(req: TlsRequirement, configured: str) -> str:
 class ChainCheck:
     """What the presented chain means for this host.
 
-    `security`: "dane-authenticated" or "tls" when `ok`, "failed" otherwise. `dane_text`
-    is the trace's DANE column; `reason` the matcher's own words; `result` the
-    relay.dane verdict when DANE was required."""
+    `security`: "dane-authenticated", "sts-authenticated" or "tls" when `ok`, "failed"
+    otherwise. `dane_text` is the trace's DANE column; `reason` the matcher's own words;
+    `result` the relay.dane verdict when DANE was required; `webpki` the web-PKI verdict
+    under an MTA-STS policy; `failure_type` the RFC 8460 type of a failure, also of one
+    that an MTA-STS testing policy only reports (`ok` stays True then)."""
 
     ok: bool
     security: str
@@ -67,6 +73,8 @@ class ChainCheck:
     code: str | None = None
     reason: str = ""
     result: dane.Verdict | None = None
+    webpki: webpki.WebPkiVerdict | None = None
+    failure_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,11 +84,37 @@ class Limits:
     ee_check_expiry: bool = False
     max_records: int = 20
     max_chain: int = 10
+    roots: Store | None = None  # the web PKI (MTA-STS); None: every web-PKI check fails
+
+
+def _webpki(host: HostPlan, chain: Sequence[bytes], now: dt.datetime, limits: Limits
+            ) -> webpki.WebPkiVerdict:
+    if limits.roots is None:
+        return webpki.WebPkiVerdict(False, "no web-PKI trust store loaded",
+                                    webpki.NOT_TRUSTED)
+    return webpki.verify(chain, host.name, limits.roots, now, max_chain=limits.max_chain)
 
 
 def check_chain(host: HostPlan, chain: Sequence[bytes], now: dt.datetime,
                 limits: Limits = Limits()) -> ChainCheck:
     """The TLS session is up: is its chain good enough for this host's requirement?"""
+    if host.requirement is TlsRequirement.STS:
+        w = _webpki(host, chain, now, limits)
+        if not w.ok:
+            return ChainCheck(False, "failed", f"MTA-STS failed: {w.reason}",
+                              codetable.STS_CERTIFICATE, w.reason, webpki=w,
+                              failure_type=w.result_type)
+        return ChainCheck(True, "sts-authenticated", f"MTA-STS: {w.reason}", None, w.reason,
+                          webpki=w)
+    if host.sts == "testing":  # deliver as without a policy; the check is only reported
+        w = _webpki(host, chain, now, limits)
+        base = "no usable TLSA record: TLS without authentication" \
+            if host.requirement is TlsRequirement.ENCRYPT else "not required"
+        if w.ok:
+            return ChainCheck(True, "tls", f"{base}; MTA-STS testing: {w.reason}", None,
+                              w.reason, webpki=w)
+        return ChainCheck(True, "tls", f"{base}; MTA-STS testing, would fail: {w.reason}",
+                          None, w.reason, webpki=w, failure_type=w.result_type)
     if host.requirement is TlsRequirement.DANE:
         v = dane.verify(host.usable_tlsa, list(chain), host.reference_names, now,
                         ee_check_expiry=limits.ee_check_expiry,
@@ -102,7 +136,9 @@ def session_failure(host: HostPlan, ip: str, exc: SmtpClientError, req: TlsRequi
     detail = f"{host.name} [{ip}]: {exc}"
     if isinstance(exc, TlsError) or exc.phase in ("starttls", "tls"):
         if mandatory(req):
-            return classify.starttls_not_supported(detail), STARTTLS_NOT_SUPPORTED
+            code = codetable.STS_STARTTLS if req is TlsRequirement.STS else \
+                codetable.STARTTLS_NOT_SUPPORTED
+            return classify.local(code, detail), STARTTLS_NOT_SUPPORTED
         return classify.connection_failed(detail), None
     if exc.code is not None and exc.reply is not None:
         out = classify.from_reply(exc.phase, exc.code, None, exc.reply)
@@ -116,12 +152,20 @@ def session_failure(host: HostPlan, ip: str, exc: SmtpClientError, req: TlsRequi
 
 
 def starttls_missing(host: HostPlan, ip: str) -> Outcome:
-    return classify.starttls_not_supported(f"{host.name} [{ip}] does not offer STARTTLS")
+    detail = f"{host.name} [{ip}] does not offer STARTTLS"
+    if host.requirement is TlsRequirement.STS:
+        return classify.local(codetable.STS_STARTTLS, detail)
+    return classify.starttls_not_supported(detail)
 
 
 def chain_failure(host: HostPlan, ip: str, check: ChainCheck) -> Outcome:
     return classify.local(check.code or codetable.TLSA_INVALID,
                           f"{host.name} [{ip}]: {check.reason}")
+
+
+def chain_failure_type(check: ChainCheck, outcome: Outcome) -> str | None:
+    """The RFC 8460 result type of a chain that failed (or that testing reports)."""
+    return check.failure_type or codetable.tlsrpt_result_type(outcome.code)
 
 
 def unusable_outcome(host: HostPlan) -> Outcome:

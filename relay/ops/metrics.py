@@ -46,6 +46,12 @@ class Metrics:
                            ["version"], registry=r)
         self.dns_failures = Counter("relay_dns_failures", "DNS failures by kind", ["kind"],
                                     registry=r)
+        self.sts_fetches = Counter("relay_sts_fetches",
+                                   "MTA-STS policy fetches: ok or the RFC 8460 failure type",
+                                   ["result"], registry=r)
+        self.sts_failures = Counter("relay_sts_failures",
+                                    "Sessions refused by an MTA-STS enforce policy, by code",
+                                    ["code"], registry=r)
         self.queue = Gauge("relay_queue_recipients", "Recipients in the queue by status",
                            ["status"], registry=r)
         self.oldest = Gauge("relay_queue_oldest_age_seconds",
@@ -71,6 +77,10 @@ class Metrics:
             self.ndr.inc()
         elif name == "attempt":
             self._attempt(fields, code)
+        elif name == "sts_fetched":
+            self.sts_fetches.labels(result="ok").inc()
+        elif name == "sts_fetch_failed":
+            self.sts_fetches.labels(result=str(fields.get("result_type") or "error")).inc()
 
     def _attempt(self, fields: dict[str, Any], code: str) -> None:
         security = fields.get("security")
@@ -79,6 +89,8 @@ class Metrics:
         version = fields.get("tls")
         if version:
             self.tls.labels(version=str(version)).inc()
+        if code.partition(".")[2] in ("7.341", "7.342", "7.343"):
+            self.sts_failures.labels(code=code).inc()
         kind = fields.get("dns_failure")
         if kind:
             self.dns_failures.labels(kind=str(kind)).inc()

@@ -66,6 +66,7 @@ class AttemptTrace:
     dane: str = ""
     code: str = ""
     reply: str = ""
+    policy: str = ""  # the TLS policy applied: "dane", "mta-sts enforce id=…", ...
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,12 @@ class Attempt:
     dane: str
     code: str
     reply: str
+    policy: str = ""
 
     def as_json(self) -> dict[str, Any]:
         return {"at": iso(self.at), "mx": self.mx, "ip": self.ip, "dnssec": self.dnssec,
                 "tlsa": self.tlsa, "tls": self.tls, "dane": self.dane,
-                "code": self.code or None, "reply": self.reply}
+                "code": self.code or None, "reply": self.reply, "policy": self.policy}
 
 
 @dataclass(frozen=True)

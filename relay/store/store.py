@@ -266,7 +266,7 @@ class Store(TlsRptStore, StsStore):
         traces = [
             {"recipient_id": a.recipient_id, "at": a.at, "mx": a.mx, "ip": a.ip,
              "dnssec": a.dnssec, "tlsa": a.tlsa, "tls": a.tls, "dane": a.dane,
-             "code": a.code, "reply": a.reply}
+             "code": a.code, "reply": a.reply, "policy": a.policy}
             for res in results for a in res.attempts
         ]
         ids = json.dumps(sorted({res.message_id for res in results}))

@@ -140,7 +140,7 @@ def test_show_json_shape(queue: Queue) -> None:
     (h,) = bob["history"]
     assert h == {"at": "2026-11-18T11:06:43Z", "mx": "mx.dane.example", "ip": "192.0.2.25",
                  "dnssec": "secure", "tlsa": "3 1 1 ab", "tls": "TLSv1.3", "dane": "no match",
-                 "code": "4.7.323", "reply": "tlsa-invalid"}
+                 "code": "4.7.323", "reply": "tlsa-invalid", "policy": ""}
     done = json.loads(relay(queue.cfg, "show", queue.done, "--json").stdout)
     assert done["recipients"][0]["status"] == "delivered"
     assert done["recipients"][0]["next_attempt_at"] is None

@@ -625,7 +625,8 @@ async def test_json_shapes(store: Store) -> None:
         rid, S.DEFERRED, "4.7.323", "tlsa-invalid: The domain failed DANE validation.",
         next_attempt_at=T0 + 900),), (AttemptTrace(
             rid, T0 + 1, mx="mx.a.example", ip="192.0.2.1", dnssec="secure", tlsa="3 1 1 00",
-            tls="TLSv1.3", dane="no match", code="4.7.323", reply="-"),))], now=T0 + 1)
+            tls="TLSv1.3", dane="no match", code="4.7.323", reply="-", policy="dane"),))],
+        now=T0 + 1)
     (summary,) = [m.summary_json() for m in await store.list_messages()]
     assert set(summary) >= {"id", "sender", "received_at", "size", "recipients", "held"}
     assert summary["id"] == qid and ISO.match(summary["received_at"])
@@ -639,8 +640,10 @@ async def test_json_shapes(store: Store) -> None:
                       "history"}
     assert r["attempts"] == 1 and ISO.match(r["next_attempt_at"])
     (h,) = r["history"]
-    assert set(h) == {"at", "mx", "ip", "dnssec", "tlsa", "tls", "dane", "code", "reply"}
+    assert set(h) == {"at", "mx", "ip", "dnssec", "tlsa", "tls", "dane", "code", "reply",
+                      "policy"}
     assert ISO.match(h["at"]) and h["code"] == "4.7.323" and h["mx"] == "mx.a.example"
+    assert h["policy"] == "dane"
 
 
 async def test_stats(store: Store) -> None:

@@ -112,8 +112,8 @@ UPDATE recipients SET ndr_state = :ndr_state, updated_at = :now WHERE id = :id;
 -- name: insert_attempt
 -- Through a SELECT, so that the trace of a recipient deleted meanwhile is dropped.
 INSERT INTO attempts (message_id, recipient_id, at, mx, ip, dnssec, tlsa, tls, dane, code,
-                      reply)
-SELECT r.message_id, r.id, :at, :mx, :ip, :dnssec, :tlsa, :tls, :dane, :code, :reply
+                      reply, policy)
+SELECT r.message_id, r.id, :at, :mx, :ip, :dnssec, :tlsa, :tls, :dane, :code, :reply, :policy
 FROM recipients r WHERE r.id = :recipient_id;
 
 -- name: finish_messages
@@ -177,7 +177,7 @@ SELECT id, address, domain, status, attempts, next_attempt_at, code, reply, upda
 FROM recipients WHERE message_id = :id ORDER BY id;
 
 -- name: get_attempts
-SELECT recipient_id, at, mx, ip, dnssec, tlsa, tls, dane, code, reply
+SELECT recipient_id, at, mx, ip, dnssec, tlsa, tls, dane, code, reply, policy
 FROM attempts WHERE message_id = :id ORDER BY at, id;
 
 -- name: stats_by_status
