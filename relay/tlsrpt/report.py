@@ -9,6 +9,11 @@ policy domain is the TLSA base domain of the receiving host (RFC 7672 §2.2.3), 
 the MX host name, not the recipient domain; its TLSRPT record is looked up at
 `_smtp._tls.<TLSA base domain>`. A host without a DANE policy ("no-policy-found") is
 reported to the recipient domain, where an MTA-STS policy would have been defined.
+Under an MTA-STS policy (RFC 8461) the policy domain is the recipient domain, the policy
+type `sts`, the policy strings the policy's lines and `mx-host` its mx patterns; a host
+that DANE decided (usable TLSA beside the policy) stays a `tlsa` result. A policy that
+could not be fetched adds one `sts-policy-fetch-error` / `sts-policy-invalid` /
+`sts-webpki-invalid` result per attempt.
 
 One result per host tried (the attempt's trace):
 - a session that negotiated TLS (DANE-authenticated, or TLS where no authentication
@@ -27,7 +32,7 @@ import gzip
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -40,6 +45,8 @@ if TYPE_CHECKING:  # types only: relay.delivery.attempt does I/O
 
 KIND = KIND_TLSRPT  # Envelope.extra["kind"] of report mail: DANE relaxed, never counted
 POLICY_TLSA = "tlsa"
+POLICY_STS = "sts"
+STS_FETCH_TYPES = ("sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid")
 NO_POLICY = "no-policy-found"
 RESULT_TYPES = frozenset({
     # negotiation failures (§4.3.1), DANE policy failures (§4.3.2), general (§4.3.3)
@@ -70,9 +77,11 @@ def _failed_tlsa_base(host: HostPlan) -> str:
     return _norm(host.name)
 
 
-def _policy(domain: str, host: HostPlan, failure_type: str | None
+def _policy(domain: str, host: HostPlan, failure_type: str | None, plan: DomainPlan
             ) -> tuple[str, str, tuple[str, ...]]:
     """(policy type, policy domain, policy strings) of a host tried."""
+    if host.sts in ("enforce", "testing", "mismatch") and plan.sts is not None:
+        return POLICY_STS, _norm(domain), plan.sts.lines
     if host.tlsa_base:
         return POLICY_TLSA, _norm(host.tlsa_base), tuple(str(r) for r in host.tlsa)
     if failure_type == "dnssec-invalid":
@@ -93,14 +102,25 @@ def session_results(domain: str, plan: DomainPlan, hosts: Iterable[HostAttempt]
     """The results one delivery attempt adds (see the module doc for what counts)."""
     by_name = {h.name: h for h in plan.hosts}
     out: list[SessionResult] = []
+    st = plan.sts
+    if st is not None and st.failure_type in STS_FETCH_TYPES:
+        out.append(SessionResult(policy_domain=_norm(domain), policy_type=POLICY_STS,
+                                 policy_strings=st.lines if st.state == "policy" else (),
+                                 mx_host="", result_type=st.failure_type or "",
+                                 detail=" ".join(st.detail.split())[:MAX_DETAIL]))
     for h in hosts:
         host = by_name.get(h.mx)
         if host is None or host.requirement is TlsRequirement.NONE:
             continue
         ftype = h.failure_type if h.failure_type in RESULT_TYPES else None
-        if ftype is None and h.security not in ("dane-authenticated", "tls"):
+        if ftype is None and host.sts == "mismatch" and h.security in ("tls", "plain"):
+            ftype = "validation-failure"  # testing: delivered, but not in the policy
+            h = replace(h, reply=f"MX host {host.name} not in the MTA-STS policy",
+                        dane="")
+        if ftype is None and h.security not in ("dane-authenticated", "sts-authenticated",
+                                                "tls"):
             continue  # not a TLS result (connection refused, a loop, a dropped session)
-        ptype, pdomain, strings = _policy(domain, host, ftype)
+        ptype, pdomain, strings = _policy(domain, host, ftype, plan)
         if plan.route and ptype != POLICY_TLSA:
             continue  # a configured next hop without DANE: not the domain's own server
         out.append(SessionResult(
@@ -249,7 +269,11 @@ def _policy_object(ptype: str, domain: str, strings: tuple[str, ...], mx: str
     if strings:
         obj["policy-string"] = list(strings)
     obj["policy-domain"] = domain
-    if mx:
+    if ptype == POLICY_STS:  # the policy's mx patterns (RFC 8460 §4.4)
+        patterns = [s.partition(":")[2].strip() for s in strings if s.startswith("mx:")]
+        if patterns:
+            obj["mx-host"] = patterns
+    elif mx:
         obj["mx-host"] = [mx]
     return obj
 
@@ -259,7 +283,8 @@ def build_report(*, policy_domain: str, results: Iterable[SessionResult], begin:
     """The report of one policy domain for one period, as a JSON-ready dict (§4.4).
 
     One `policies` entry per distinct (policy type, policy strings, MX host): a TLSA
-    rollover or a second MX host of the same base is its own entry. The date range is
+    rollover or a second MX host of the same base is its own entry; an MTA-STS policy is
+    one entry whatever the MX host (its failure details name the hosts). The date range is
     [begin, end): a day is 00:00:00Z to the next day's 00:00:00Z (§4.1 "00:00-24:00").
     """
     domain = _norm(policy_domain)
@@ -267,7 +292,8 @@ def build_report(*, policy_domain: str, results: Iterable[SessionResult], begin:
     for r in results:
         if _norm(r.policy_domain) != domain:
             raise ValueError(f"result for {r.policy_domain} in the report of {domain}")
-        groups.setdefault((r.policy_type, tuple(r.policy_strings), r.mx_host), []).append(r)
+        mx = "" if r.policy_type == POLICY_STS else r.mx_host  # one entry per STS policy
+        groups.setdefault((r.policy_type, tuple(r.policy_strings), mx), []).append(r)
     policies = []
     for (ptype, strings, mx), rows in sorted(groups.items()):
         ok = sum(r.count for r in rows if r.success)

@@ -8,8 +8,10 @@ Schedule: retry every 1 s for 3 s, so a failing recipient sees 4 attempts and bo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,7 +128,8 @@ def relay(dnsbed: DnsBed, dests: dict[str, Destination], servers: dict[str, Poli
     with delivering_relay(work, dnsbed.nameserver, PORT, listener={"port": PORT},
                           delivery={"retry_schedule": SCHEDULE, "max_lifetime": LIFETIME},
                           mta_sts={"ca_file": str(ca_file), "fetch_timeout": "2s",
-                                   "connect_timeout": "2s"}) as proc:
+                                   "connect_timeout": "2s"},
+                          tlsrpt={"enabled": True}) as proc:
         yield proc
 
 
@@ -250,3 +253,32 @@ def test_policy_is_checked_again_before_bouncing(relay: RelayProc,
     assert deferred and all(e["code"] == "4.7.343" for e in deferred)
     assert len(relay.events("sts_fetched", domain=domain("recheck"))) == 2
     assert dests["recheck"].wait_messages(1)[0].tls
+
+
+# --- TLS reporting (RFC 8460): what the sessions above added ---------------------------------
+
+
+def test_tls_reports_count_sts_results(relay: RelayProc) -> None:
+    data = json.loads(relay.cli("tlsrpt", "show", "--json").stdout)
+    policies: dict[tuple[str, str], dict[str, Any]] = {}
+    for period in data["open_periods"]:
+        for rep in period["reports"]:
+            for pol in rep["policies"]:
+                p = pol["policy"]
+                policies[(p["policy-domain"], p["policy-type"])] = pol
+
+    def failures(dom: str) -> set[str]:
+        pol = policies[(dom, "sts")]
+        return {d["result-type"] for d in pol.get("failure-details", [])}
+
+    ok = policies[(domain("enf"), "sts")]
+    assert ok["summary"]["total-successful-session-count"] >= 1
+    assert ok["policy"]["mx-host"] == [f"*.{domain('enf')}"]
+    assert "mode: enforce" in ok["policy"]["policy-string"]
+    assert failures(domain("selfsigned")) == {"certificate-not-trusted"}
+    assert failures(domain("wrongname")) == {"certificate-host-mismatch"}
+    assert failures(domain("notls")) == {"starttls-not-supported"}
+    assert "validation-failure" in failures(domain("outside"))
+    assert failures(domain("testing")) == {"certificate-not-trusted"}
+    assert "sts-policy-fetch-error" in failures(domain("p500"))
+    assert (mx("dane"), "tlsa") in policies  # DANE decided: a tlsa result

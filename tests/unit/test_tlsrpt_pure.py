@@ -325,3 +325,79 @@ def test_pure_modules_import_no_io() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- MTA-STS results (RFC 8460 policy type "sts") ------------------------------------------
+
+
+def _sts_plan(mode: str, failure_type: str | None = None, detail: str = "") -> DomainPlan:
+    from relay.model import StsState
+
+    lines = ("version: STSv1", f"mode: {mode}", "mx: *.sts.example", "max_age: 86400")
+    st = StsState("policy", mode, "42", ("*.sts.example",), lines, "cached", 86400, None,
+                  failure_type, detail, mode)
+
+    def host(name: str, sts: str, req: TlsRequirement | None) -> HostPlan:
+        return HostPlan(name, 10, 25, (HostAddress("192.0.2.1", False),), False, name, (),
+                        None, (), (), req, None if req else "4.7.343", "", (name,),
+                        None if req else "validation-failure", (), sts)
+
+    return DomainPlan("sts.example", PlanAction.DELIVER, None, "", hosts=(
+        host("mx1.sts.example", "enforce", TlsRequirement.STS),
+        host("mx.other.example", "mismatch", None)), sts=st)
+
+
+def test_sts_sessions_are_reported_under_the_policy() -> None:
+    plan = _sts_plan("enforce", "sts-policy-fetch-error", "mta-sts.sts.example: HTTP 500")
+    hosts = [
+        HostAttempt("mx.other.example", "", "insecure", "", code="4.7.343",
+                    security="failed", failure_type="validation-failure",
+                    reply="not in the policy"),
+        HostAttempt("mx1.sts.example", "192.0.2.1", "insecure", "", security="failed",
+                    failure_type="certificate-host-mismatch", local_ip="192.0.2.9",
+                    dane="failed: names do not match", code="4.7.342"),
+        HostAttempt("mx1.sts.example", "192.0.2.1", "insecure", "",
+                    security="sts-authenticated"),
+    ]
+    results = rpt.session_results("STS.example", plan, hosts)
+    assert [r.policy_type for r in results] == ["sts"] * 4
+    assert {r.policy_domain for r in results} == {"sts.example"}
+    assert results[0].result_type == "sts-policy-fetch-error" and results[0].mx_host == ""
+    assert [r.result_type for r in results[1:]] == [
+        "validation-failure", "certificate-host-mismatch", ""]
+    assert results[1].policy_strings[1] == "mode: enforce"
+    report = rpt.build_report(policy_domain="sts.example", results=results, begin=0,
+                              end=86400, organization="o", contact="c", rid="r@x")
+    validate_report(report)
+    (pol,) = report["policies"]  # one entry for the policy, whatever the MX host
+    assert pol["policy"]["policy-type"] == "sts"
+    assert pol["policy"]["mx-host"] == ["*.sts.example"]
+    assert pol["policy"]["policy-string"][0] == "version: STSv1"
+    assert pol["summary"] == {"total-successful-session-count": 1,
+                              "total-failure-session-count": 3}
+    types = {d["result-type"] for d in pol["failure-details"]}
+    assert types == {"sts-policy-fetch-error", "validation-failure",
+                     "certificate-host-mismatch"}
+
+
+def test_sts_testing_reports_a_delivered_mismatch_and_dane_hosts_stay_tlsa() -> None:
+    plan = _sts_plan("testing")
+    mism = replace_host(plan, "mx.other.example", sts="mismatch",
+                        requirement=TlsRequirement.MAY, unusable_code=None)
+    hosts = [HostAttempt("mx.other.example", "192.0.2.1", "insecure", "", security="tls")]
+    (r,) = rpt.session_results("sts.example", mism, hosts)
+    assert r.policy_type == "sts" and r.result_type == "validation-failure"
+    assert "not in the MTA-STS policy" in r.detail
+    dane_host = replace_host(plan, "mx1.sts.example", sts="dane",
+                             requirement=TlsRequirement.DANE, tlsa_base="mx1.sts.example",
+                             tlsa=(TlsaRecord(3, 1, 1, b"\x01" * 32),))
+    (d,) = rpt.session_results("sts.example", dane_host, [HostAttempt(
+        "mx1.sts.example", "192.0.2.1", "secure", "", security="dane-authenticated")])
+    assert d.policy_type == "tlsa" and d.policy_domain == "mx1.sts.example"
+
+
+def replace_host(plan: DomainPlan, name: str, **kw: object) -> DomainPlan:
+    from dataclasses import replace
+
+    return replace(plan, hosts=tuple(replace(h, **kw) if h.name == name else h  # type: ignore[arg-type]
+                                     for h in plan.hosts))
