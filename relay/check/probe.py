@@ -33,16 +33,18 @@ from relay.config import Config
 from relay.dane.policy import DomainPlan, HostPlan, PlanAction
 from relay.delivery import verdict
 from relay.delivery.attempt import DeliverySettings
-from relay.delivery.destination import answer_dict, plan_destination
+from relay.delivery.destination import answer_dict, plan_destination, sts_dict
 from relay.dns.resolve import Resolver, ValidationProbe, check_validating
-from relay.errors import SmtpClientError, TlsError
+from relay.errors import ConfigError, SmtpClientError, TlsError
 from relay.model import Action, Outcome, TlsRequirement
 from relay.smtp.client import SmtpSession, Timeouts
 from relay.smtp.protocol import TlsInfo
+from relay.sts.record import policy_url, txt_name
+from relay.sts.source import StsSource
 
 CHECK_MAX_WAIT = 60.0  # seconds per SMTP step (delivery waits up to the configured ones)
 PARALLEL = 8  # addresses probed at once
-DELIVERING = ("dane-authenticated", "tls", "plain")
+DELIVERING = ("dane-authenticated", "sts-authenticated", "tls", "plain")
 Clock = Callable[[], dt.datetime]
 
 
@@ -88,7 +90,7 @@ class AddressProbe:
         self.settings = settings
         self.clock = clock
         self.limits = verdict.Limits(settings.ee_check_expiry, settings.max_tlsa_records,
-                                     settings.max_chain)
+                                     settings.max_chain, settings.roots)
 
     async def run(self, host: HostPlan, ip: str) -> AddressCheck:
         s, port = self.settings, host.port
@@ -163,11 +165,12 @@ class AddressProbe:
                          f"{tls.server_hostname or '(none)'}, {len(tls.chain)} certificate(s)")
                 judged = verdict.check_chain(host, tls.chain, self.clock(), self.limits)
                 res.chain = checkfmt.chain_facts(host, tls.chain, judged, self.clock())
+                what = "MTA-STS" if req is TlsRequirement.STS else "DANE"
                 if not judged.ok:
-                    res.step("fail", f"DANE: {judged.reason}")
+                    res.step("fail", f"{what}: {judged.reason}")
                     out = verdict.chain_failure(host, ip, judged)
-                    return res.fail(out, codetable.tlsrpt_result_type(out.code))
-                res.step("ok", f"DANE: {judged.dane_text}")
+                    return res.fail(out, verdict.chain_failure_type(judged, out))
+                res.step("warn" if judged.failure_type else "ok", f"{what}: {judged.dane_text}")
                 security = judged.security
                 await sess.ehlo()
                 res.step("ok", "EHLO again on the TLS session")
@@ -202,9 +205,18 @@ async def run_check(domain: str, cfg: Config, *, connect: bool = True,
     """Run every check for `domain` and return the report (JSON-ready)."""
     resolver = Resolver.from_config(cfg.dns)
     probe = await check_validating(resolver)
-    plan = await plan_destination(domain, resolver, cfg, probe=probe)
+    sts = StsSource(resolver, cfg)  # no store: a fresh look, nothing cached
+    trust_error = None
+    if cfg.mta_sts.enabled:
+        try:
+            sts.trust  # noqa: B018 - loads the trust store now
+        except ConfigError as exc:
+            trust_error = str(exc)
+    plan = await plan_destination(domain, resolver, cfg, probe=probe,
+                                  sts=sts if trust_error is None else None)
     name = hostname or cfg.listener.hostname or socket.getfqdn()
-    settings = DeliverySettings.from_config(cfg, name)
+    settings = DeliverySettings.from_config(
+        cfg, name, roots=sts.trust.roots if cfg.mta_sts.enabled and not trust_error else None)
     settings = replace(settings, timeouts=capped(settings.timeouts))
     results = [HostResult(h) for h in plan.hosts]
     if connect and plan.action is PlanAction.DELIVER:
@@ -220,8 +232,33 @@ async def run_check(domain: str, cfg: Config, *, connect: bool = True,
                 for a in r.host.addresses[: settings.max_addresses]]
         for r, job in jobs:
             r.addresses.append(await job)
-    return build_report(domain, cfg, probe, resolver, plan, results, connect=connect,
-                        now=clock())
+    report = build_report(domain, cfg, probe, resolver, plan, results, connect=connect,
+                          now=clock())
+    report["mta_sts"] = await sts_report(plan, resolver, sts, trust_error)
+    report["summary"] = checkfmt.summary(report)
+    report["advice"] = checkfmt.advice(report, cfg.delivery.max_lifetime)
+    return report
+
+
+async def sts_report(plan: DomainPlan, resolver: Resolver, sts: StsSource,
+                     trust_error: str | None) -> dict[str, Any]:
+    """The MTA-STS steps: TXT record, fetch, policy, which MX hosts match."""
+    d = plan.domain
+    out: dict[str, Any] = {"url": policy_url(d), **(sts_dict(plan.sts) or {"state": "off"})}
+    if trust_error:
+        out.update(state="failed", detail=trust_error)
+    if plan.sts is None or plan.sts.state in ("off", "route"):
+        out["txt"] = None
+        out["fetch"] = None
+    else:
+        out["txt"] = answer_dict(await resolver.query(txt_name(d), "TXT"))
+        got = sts.last_fetch.get(d)
+        out["fetch"] = None if got is None else {
+            "ok": got.policy is not None, "ip": got.ip or None,
+            "failure_type": got.failure_type or None, "detail": got.detail or None}
+    out["hosts"] = [{"name": h.name, "sts": h.sts or None,
+                     "matches": h.sts in ("enforce", "testing", "dane")} for h in plan.hosts]
+    return out
 
 
 def _decide(plan: DomainPlan, results: list[HostResult], connect: bool
@@ -235,8 +272,9 @@ def _decide(plan: DomainPlan, results: list[HostResult], connect: bool
     if not connect:
         first = usable[0]
         req = first.host.requirement
-        kind = {TlsRequirement.DANE: "dane-authenticated",
-                TlsRequirement.ENCRYPT: "tls"}.get(req, "plain") if req else "plain"
+        kind = {TlsRequirement.DANE: "dane-authenticated", TlsRequirement.STS:
+                "sts-authenticated", TlsRequirement.ENCRYPT: "tls"}.get(req, "plain") \
+            if req else "plain"
         return kind, None, (first, None)
     for r in usable:
         for a in r.addresses:
@@ -271,6 +309,7 @@ def build_report(domain: str, cfg: Config, probe: ValidationProbe, resolver: Res
         },
         "mx": _mx_dict(plan),
         "plan": {"action": str(plan.action), "code": plan.code, "reason": plan.reason,
+                 "sts": sts_dict(plan.sts),
                  "dane_mode": str(plan.dane_mode), "route": plan.route,
                  "failure_type": plan.failure_type},
         "hosts": hosts,
@@ -322,7 +361,7 @@ def _host_dict(r: HostResult, connected: bool) -> dict[str, Any]:
         "reference_names": list(h.reference_names),
         "requirement": str(h.requirement) if h.requirement else None,
         "usable": h.usable, "code": h.unusable_code, "reason": h.reason,
-        "failure_type": h.failure_type, "outcome": outcome,
+        "failure_type": h.failure_type, "outcome": outcome, "sts": h.sts or None,
         "connections": [_address_dict(a) for a in r.addresses],
     }
 

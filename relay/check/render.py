@@ -146,7 +146,10 @@ def chain_facts(host: HostPlan, chain: Sequence[bytes], judged: ChainCheck,
                 now: dt.datetime) -> ChainCheckFacts:
     certs = [cert_facts(der, i, host.tlsa, now) for i, der in enumerate(chain)]
     v = judged.result
+    w = judged.webpki
     result: dict[str, Any] = {
+        "webpki": {"ok": w.ok, "reason": w.reason, "result_type": w.result_type}
+        if w else None,
         "required": host.requirement is TlsRequirement.DANE,
         "ok": judged.ok, "security": judged.security, "code": judged.code,
         "text": judged.dane_text, "reason": judged.reason,
@@ -182,7 +185,8 @@ def summary(report: dict[str, Any]) -> str:
     where = f"{d['host']} [{d['ip']}]" if d.get("ip") else d["host"]
     if not report["connected"]:
         need = {"dane": "DANE authentication required", "encrypt": "TLS required (no usable "
-                "TLSA record)", "may": "opportunistic TLS", "none": "cleartext (route)"}
+                "TLSA record)", "may": "opportunistic TLS", "none": "cleartext (route)",
+                "sts": "MTA-STS: TLS and a web-PKI certificate required"}
         return (f"DNS allows delivery to {where}: {need.get(d['requirement'] or '', '?')} "
                 "(not verified: --no-connect)")
     host = _decider(report)
@@ -190,6 +194,10 @@ def summary(report: dict[str, Any]) -> str:
     if kind == "dane-authenticated":
         why = f" ({conn['dane']['reason']})" if conn and conn.get("dane") else ""
         return f"would deliver to {where} with DANE authentication{why}"
+    if kind == "sts-authenticated":
+        st = report.get("mta_sts") or {}
+        return (f"would deliver to {where} over TLS with a web-PKI certificate, as the "
+                f"MTA-STS policy (enforce, id {st.get('id')}) demands")
     if kind == "tls":
         why = {"encrypt": "TLSA records exist but none is usable: TLS without authentication",
                "may": "no TLSA records apply: opportunistic TLS"}.get(d["requirement"], "")
@@ -238,6 +246,41 @@ def problems(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def sts_advice(report: dict[str, Any]) -> list[str]:
+    """What the domain's administrator should fix in its MTA-STS set-up."""
+    st = report.get("mta_sts")
+    if not st or st.get("state") in (None, "off", "route", "none"):
+        return []
+    out: list[str] = []
+    url = st["url"]
+    if st.get("failure_type"):
+        host = url.split("/")[2]
+        out.append(f"the policy at {url} could not be fetched ({st.get('detail')}): serve it "
+                   f"with HTTP 200, Content-Type text/plain, no redirect, over HTTPS with a "
+                   f"publicly trusted certificate for {host}")
+    if st.get("state") == "dnssec-invalid":
+        out.append(f"the _mta-sts TXT record fails DNSSEC validation: {st.get('detail')}")
+    mode = st.get("mode")
+    for h in st.get("hosts") or []:
+        if h["sts"] == "mismatch":
+            out.append(f"MX host {h['name']} is not in the policy's mx patterns "
+                       f"({', '.join(st.get('mx') or [])}): add \"mx: {h['name']}\" to the "
+                       "policy and change the id of the _mta-sts TXT record")
+    for h in report["hosts"]:
+        for c in h["connections"]:
+            w = (c.get("dane") or {}).get("webpki")
+            if w and not w["ok"]:
+                out.append(f"{h['name']} [{c['ip']}]: {w['reason']} ({w['result_type']}): "
+                           "install a certificate from a publicly trusted CA whose "
+                           f"subjectAltName covers {h['name']}"
+                           + (" before switching the policy to enforce" if mode == "testing"
+                              else ""))
+            if c.get("starttls_offered") is False and h.get("sts") in ("enforce", "testing"):
+                out.append(f"{h['name']} [{c['ip']}] does not offer STARTTLS, which the "
+                           "MTA-STS policy requires")
+    return out
+
+
 def advice(report: dict[str, Any], max_lifetime: float) -> dict[str, Any] | None:
     """Who should fix what; None when delivery is fine and nothing needs attention."""
     code, kind = report["code"], report["verdict"]
@@ -253,12 +296,15 @@ def advice(report: dict[str, Any], max_lifetime: float) -> dict[str, Any] | None
                 if entry not in suggested:
                     suggested.append(entry)
     found = problems(report)
-    if kind in ("dane-authenticated", "plain") and not found:
+    sts_fix = sts_advice(report)
+    if kind in ("dane-authenticated", "sts-authenticated", "plain") and not found \
+            and not sts_fix:
         return None
-    if kind == "tls" and not found and not suggested:
+    if kind == "tls" and not found and not suggested and not sts_fix:
         return None
     out: dict[str, Any] = {"who": None, "admin": None, "operator": None, "sender": None,
-                           "problems": found, "suggested_tlsa": suggested, "retry": None}
+                           "problems": found, "suggested_tlsa": suggested, "retry": None,
+                           "mta_sts": sts_fix}
     if code:
         info = codetable.info(code)
         resolver = report["resolver"]
@@ -382,6 +428,9 @@ def render(report: dict[str, Any], *, colour: bool = False, unicode: bool = True
     if plan["action"] != "deliver" and not report["hosts"]:
         item("fail", f"{plan['code']}: {plan['reason']}")
 
+    if report.get("mta_sts"):
+        _render_sts(report["mta_sts"], item, head)
+
     for h in report["hosts"]:
         _render_host(h, report["connected"], item, head, lines, p)
 
@@ -396,6 +445,43 @@ def render(report: dict[str, Any], *, colour: bool = False, unicode: bool = True
     if adv:
         _render_advice(adv, head, lines, p)
     return "\n".join(lines) + "\n"
+
+
+def _render_sts(st: dict[str, Any], item: Any, head: Any) -> None:
+    head("MTA-STS (RFC 8461)")
+    state = st.get("state")
+    if state == "off" or state == "route":
+        item("info", f"not applied: {st.get('detail') or state}")
+        return
+    if st.get("txt"):
+        item(*_answer_line(st["txt"]))
+    fetch = st.get("fetch")
+    if fetch is not None:
+        if fetch["ok"]:
+            item("ok", f"policy fetched from {st['url']} [{fetch['ip']}]")
+        else:
+            item("fail", f"fetch of {st['url']} failed ({fetch['failure_type']}): "
+                 f"{fetch['detail']}")
+    if state == "policy":
+        source = "cached" if st.get("source") == "cached" else "fetched"
+        item("ok", f"policy id {st['id']} ({source}): mode {st['mode']}"
+             + (f" (published {st['published_mode']}, enforced by configuration)"
+                if st.get("published_mode") != st["mode"] else "")
+             + f", max_age {st['max_age']}, mx {', '.join(st['mx']) or '(none)'}")
+        for h in st.get("hosts") or []:
+            status = "ok" if h["matches"] else ("fail" if st["mode"] == "enforce" else "warn")
+            what = {"dane": "matches; DANE decides (usable TLSA records)",
+                    "enforce": "matches: TLS and a web-PKI certificate required",
+                    "testing": "matches (testing: checked and reported only)",
+                    "mismatch": "NOT in the policy's mx patterns"}.get(h["sts"] or "",
+                                                                   "not usable")
+            item(status, f"MX {h['name']}: {what}")
+    elif state == "none":
+        item("info", "no MTA-STS policy" + (f" ({st['detail']})" if st.get("detail") else ""))
+    elif state == "failed":
+        item("warn", f"no usable policy ({st.get('detail')}): delivered as without one")
+    elif state == "dnssec-invalid":
+        item("fail", f"_mta-sts lookup failed DNSSEC validation: {st.get('detail')}")
 
 
 def _render_host(h: dict[str, Any], connected: bool, item: Any, head: Any,
@@ -431,7 +517,7 @@ def _render_host(h: dict[str, Any], connected: bool, item: Any, head: Any,
     for c in h["connections"]:
         lines.append(f"    [{c['ip']}]:{c['port']}")
         for s in c["steps"]:
-            if s["text"].startswith("DANE:") and c["chain"]:
+            if s["text"].startswith(("DANE:", "MTA-STS:")) and c["chain"]:
                 _render_chain(c["chain"], lines, p)
             item(s["status"], s["text"], 6)
 
@@ -473,6 +559,10 @@ def _render_advice(adv: dict[str, Any], head: Any, lines: list[str], p: _Paint) 
         for s in adv.get("suggested_tlsa") or []:
             lines.append(f"  A record that matches the certificate {s['host']} presents now:")
             lines.append("    " + p("bold", s["line"]))
+    if adv.get("mta_sts"):
+        head("MTA-STS: what the domain's administrator should fix")
+        for line in adv["mta_sts"]:
+            lines.append(f"  - {line}")
     if adv.get("sender"):
         lines.append("")
         lines.append(f"  For the sender: {adv['sender']}")

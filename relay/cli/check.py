@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from relay import config as configmod
+from relay import log
 from relay.check import render as checkfmt
 from relay.check.probe import run_check
 from relay.dane.policy import is_ip
@@ -57,6 +58,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"relay: check: {problem}, e.g. relay check example.org", file=sys.stderr)
         return 2
     connect = not getattr(args, "no_connect", False)
+    log.configure(fmt="json", level="error", stream=sys.stderr)  # stdout is the report
     report = asyncio.run(run_check(args.domain, cfg, connect=connect))
     if getattr(args, "json", False):
         print(json.dumps(report, indent=2))

@@ -282,3 +282,38 @@ def test_tls_reports_count_sts_results(relay: RelayProc) -> None:
     assert failures(domain("testing")) == {"certificate-not-trusted"}
     assert "sts-policy-fetch-error" in failures(domain("p500"))
     assert (mx("dane"), "tlsa") in policies  # DANE decided: a tlsa result
+
+
+# --- relay check ------------------------------------------------------------------------
+
+
+def test_check_shows_the_mta_sts_steps(relay: RelayProc) -> None:
+    r = relay.cli("check", domain("enf"), "--json", check=False)
+    rep = json.loads(r.stdout)
+    assert r.returncode == 0, (rep["verdict"], rep["code"], rep["reply"], rep["summary"])
+    assert rep["verdict"] == "sts-authenticated" and rep["code"] is None
+    st = rep["mta_sts"]
+    assert st["state"] == "policy" and st["mode"] == "enforce" and st["id"] == "1"
+    assert st["txt"]["records"] == ["v=STSv1; id=1;"] and st["fetch"]["ok"]
+    assert st["hosts"] == [{"name": mx("enf"), "sts": "enforce", "matches": True}]
+    (conn,) = rep["hosts"][0]["connections"]
+    assert conn["dane"]["webpki"]["ok"] and conn["security"] == "sts-authenticated"
+    text = relay.cli("check", domain("enf"), check=False).stdout
+    assert "MTA-STS (RFC 8461)" in text and "web-PKI" in text
+
+
+@pytest.mark.parametrize("name, code, fix", [
+    ("outside", "4.7.343", f'add "mx: {mx("outside")}"'),
+    ("selfsigned", "4.7.342", "publicly trusted CA"),
+    ("p404", None, "could not be fetched"),
+])
+def test_check_says_what_to_fix(relay: RelayProc, name: str, code: str | None,
+                                fix: str) -> None:
+    r = relay.cli("check", domain(name), "--json", check=False)
+    rep = json.loads(r.stdout)
+    assert rep["code"] == code
+    assert r.returncode == (1 if code else 0)
+    assert any(fix in line for line in rep["advice"]["mta_sts"]), rep["advice"]
+    assert "administrator should fix" in relay.cli(
+        "check", domain(name), check=False).stdout
+
