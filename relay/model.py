@@ -212,6 +212,7 @@ class Envelope:
     client_helo: str = ""
     auth_user: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    requiretls: bool = False  # MAIL FROM ... REQUIRETLS (RFC 8689)
 
 
 KIND_TLSRPT = "tlsrpt"  # Envelope.extra["kind"] of TLS report mail: DANE relaxed, never counted

@@ -35,6 +35,7 @@ from relay import codes as codetable
 from relay.config import Config
 from relay.dane.policy import DomainPlan, HostPlan, PlanAction, shuffle_equal_preference
 from relay.delivery import classify
+from relay.delivery import requiretls as requiretls_rules
 from relay.delivery import verdict as hostverdict
 from relay.delivery.connpool import SessionPool
 from relay.delivery.destination import plan_destination
@@ -173,12 +174,15 @@ class Deliverer:
 
     async def deliver(self, domain: str, sender: str, recipients: Sequence[str], body: bytes,
                       *, smtputf8: bool = False, size: int | None = None,
-                      relax_dane: bool = False) -> AttemptReport:
+                      relax_dane: bool = False, requiretls: bool = False) -> AttemptReport:
         """`relax_dane`: for TLS report mail (RFC 8460 §3: reports are delivered despite
-        TLS failures of the receiving domain), see `relaxed_plan`."""
-        plan = await plan_destination(domain, self.resolver, self.config, sts=self.sts)
+        TLS failures of the receiving domain), see `relaxed_plan`. `requiretls`: the
+        message was sent with REQUIRETLS (RFC 8689, relay.delivery.requiretls)."""
+        plan = await plan_destination(domain, self.resolver, self.config, sts=self.sts,
+                                      requiretls=requiretls)
         return await self.deliver_plan(plan, sender, recipients, body, smtputf8=smtputf8,
-                                       size=size, relax_dane=relax_dane)
+                                       size=size, relax_dane=relax_dane and not requiretls,
+                                       requiretls=requiretls)
 
     async def recheck_sts(self, domain: str, old: StsState | None) -> bool:
         """RFC 8461 §5.1, before a bounce for an MTA-STS failure: True when the domain's
@@ -189,9 +193,11 @@ class Deliverer:
 
     async def deliver_plan(self, plan: DomainPlan, sender: str, recipients: Sequence[str],
                            body: bytes, *, smtputf8: bool = False,
-                           size: int | None = None, relax_dane: bool = False) -> AttemptReport:
+                           size: int | None = None, relax_dane: bool = False,
+                           requiretls: bool = False) -> AttemptReport:
         report = await self._deliver_plan(plan, sender, recipients, body, smtputf8=smtputf8,
-                                          size=size, relax_dane=relax_dane)
+                                          size=size, relax_dane=relax_dane,
+                                          requiretls=requiretls)
         by_name = {h.name: h for h in report.plan.hosts}
         hosts = tuple(replace(h, policy=policy_text(report.plan, by_name.get(h.mx)))
                       for h in report.hosts)
@@ -202,8 +208,8 @@ class Deliverer:
 
     async def _deliver_plan(self, plan: DomainPlan, sender: str, recipients: Sequence[str],
                             body: bytes, *, smtputf8: bool = False,
-                            size: int | None = None, relax_dane: bool = False
-                            ) -> AttemptReport:
+                            size: int | None = None, relax_dane: bool = False,
+                            requiretls: bool = False) -> AttemptReport:
         if relax_dane:
             plan = relaxed_plan(plan)
         walk = _Walk()
@@ -220,7 +226,8 @@ class Deliverer:
         for host in shuffle_equal_preference(plan.usable_hosts, self.rng):
             for addr in host.addresses[: self.settings.max_addresses]:
                 result = await self._try(host, addr.ip, sender, recipients, body,
-                                         smtputf8=smtputf8, size=size, relax=relax_dane)
+                                         smtputf8=smtputf8, size=size, relax=relax_dane,
+                                         requiretls=requiretls)
                 if isinstance(result, _HostFailure):
                     walk.traces.append(result.trace)
                     walk.failures.append(result.outcome)
@@ -246,6 +253,7 @@ class Deliverer:
 
     async def _try(self, host: HostPlan, ip: str, sender: str, recipients: Sequence[str],
                    body: bytes, *, smtputf8: bool, size: int | None, relax: bool = False,
+                   requiretls: bool = False,
                    ) -> _HostFailure | tuple[dict[str, Outcome], HostAttempt]:
         s = self.settings
         port = host.port
@@ -260,7 +268,8 @@ class Deliverer:
             sess, opened = cached
             try:
                 result = await self._transact(sess, host, ip, req, opened, sender, recipients,
-                                              body, smtputf8=smtputf8, size=size)
+                                              body, smtputf8=smtputf8, size=size,
+                                              requiretls=requiretls)
             except SmtpClientError:
                 sess.close()  # the cached connection went stale: open a new one
                 self.pool.forget(sess)
@@ -289,7 +298,7 @@ class Deliverer:
                 else:
                     result = await self._transact(sess, host, ip, req, opened, sender,
                                                   recipients, body, smtputf8=smtputf8,
-                                                  size=size)
+                                                  size=size, requiretls=requiretls)
             except TlsError as exc:
                 sess.close()
                 if (req is TlsRequirement.MAY or relax) and not plain_retry \
@@ -382,10 +391,17 @@ class Deliverer:
     async def _transact(self, sess: SmtpSession, host: HostPlan, ip: str,
                         req: TlsRequirement, opened: _Opened, sender: str,
                         recipients: Sequence[str], body: bytes, *, smtputf8: bool,
-                        size: int | None,
+                        size: int | None, requiretls: bool = False,
                         ) -> _HostFailure | tuple[dict[str, Outcome], HostAttempt]:
-        txn = await sess.send_mail(sender, recipients, body, smtputf8=smtputf8, size=size)
         tls = opened.tls
+        if requiretls and "REQUIRETLS" not in sess.extensions:
+            out = requiretls_rules.missing(host.name, ip)
+            return _HostFailure(out, _trace(host, ip, tls=_tls_text(tls), dane=opened.dane_text,
+                                            code=out.code, reply=out.reply,
+                                            security=opened.security, tls_info=tls,
+                                            local_ip=opened.local_ip))
+        txn = await sess.send_mail(sender, recipients, body, smtputf8=smtputf8, size=size,
+                                   requiretls=requiretls)
         plain_type = None  # opportunistic TLS that ended in cleartext: a TLS-RPT failure
         if tls is None and req is not TlsRequirement.NONE:
             plain_type = "starttls-not-supported" if opened.use_tls else "validation-failure"

@@ -36,6 +36,7 @@ from relay.dane.policy import (
     route_step,
     tlsa_step,
 )
+from relay.delivery.requiretls import host as requiretls_host
 from relay.dns.resolve import Resolver, ValidationProbe
 from relay.model import DnsAnswer, MxRecord, StsState
 from relay.sts.decide import apply_host
@@ -45,12 +46,14 @@ from relay.sts.source import StsSource
 async def plan_destination(domain: str, resolver: Resolver, config: Config, *,
                            port: int | None = None,
                            probe: ValidationProbe | None = None,
-                           sts: StsSource | None = None) -> DomainPlan:
+                           sts: StsSource | None = None,
+                           requiretls: bool = False) -> DomainPlan:
     """The plan for `domain`. `port`: destination port (default `delivery.port`; a route
     hop's own port wins). `probe`: the resolver check to use; by default the resolver's
     cached probe (`Resolver.validation()`), consulted only when
     `dns.require_validating_resolver` is true. `sts`: where MTA-STS policies come from
-    (None: MTA-STS is not looked at). Never raises for DNS trouble."""
+    (None: MTA-STS is not looked at). `requiretls`: the message demands DANE- or
+    MTA-STS-authenticated TLS (relay.delivery.requiretls). Never raises for DNS trouble."""
     d = normalize(domain)
     opts = options_for(config, d, port=port)
     route = find_route(config, d)
@@ -79,7 +82,12 @@ async def plan_destination(domain: str, resolver: Resolver, config: Config, *,
                                   mx_answer=mx.mx_answer, dane_mode=opts.dane_mode,
                                   failure_type="dnssec-invalid"), sts=state)
     hosts = await asyncio.gather(*(plan_host(t, resolver, mx) for t in mx.targets))
-    return replace(finish(mx, [apply_host(h, state) for h in hosts]), sts=state)
+    if requiretls and state is not None and state.applies and state.mode == "testing":
+        state = replace(state, mode="enforce")  # RFC 8689 §4.2.1
+    planned = [apply_host(h, state) for h in hosts]
+    if requiretls:
+        planned = [requiretls_host(h) for h in planned]
+    return replace(finish(mx, planned), sts=state)
 
 
 async def plan_host(target: HostTarget, resolver: Resolver, mx: MxDecision) -> HostPlan:

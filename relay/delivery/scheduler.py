@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from relay.config import Config
-from relay.delivery import classify, dsn, retry
+from relay.delivery import classify, dsn, requiretls, retry
 from relay.delivery.attempt import Deliverer, own_endpoints
 from relay.delivery.trace import AttemptReport, policy_text
 from relay.errors import NotFound, StoreError
@@ -198,14 +198,22 @@ class Scheduler:
         started = self.clock()
         body = await self.store.load_body(job.message_id)
         addresses = [addr for _, addr, _ in job.recipients]
+        # TLS report mail, and (when the operator allows it) mail marked
+        # "TLS-Required: No" (RFC 8689 §5), is delivered despite DANE/MTA-STS failures;
+        # REQUIRETLS wins over the header field.
+        relax = job.kind == KIND_TLSRPT or (
+            self.config.delivery.honor_tls_required_no and not job.requiretls
+            and requiretls.tls_required_no(body))
         report = await self.deliverer.deliver(job.domain, job.sender, addresses, body,
                                               smtputf8=job.smtputf8, size=job.size,
-                                              relax_dane=job.kind == KIND_TLSRPT)
+                                              relax_dane=relax, requiretls=job.requiretls)
         if self._sts_bounce_due(job, report, started) and \
                 await self.deliverer.recheck_sts(job.domain, report.plan.sts):
             # RFC 8461 §5.1: the policy changed since; one more try under the new one.
             report = await self.deliverer.deliver(job.domain, job.sender, addresses, body,
-                                                  smtputf8=job.smtputf8, size=job.size)
+                                                  smtputf8=job.smtputf8, size=job.size,
+                                                  relax_dane=relax,
+                                                  requiretls=job.requiretls)
         finished = self.clock()
         if self.tlsrpt_record is not None and job.kind != KIND_TLSRPT:
             with contextlib.suppress(Exception):  # reporting never affects delivery

@@ -39,6 +39,7 @@ class Transaction:
     smtputf8: bool = False
     body_8bit: bool = False
     recipients: list[str] = field(default_factory=list)
+    requiretls: bool = False  # RFC 8689: authenticated TLS on every onward hop
 
 
 class SessionView(Protocol):
@@ -188,7 +189,7 @@ class Intake:
             smtputf8=txn.smtputf8, body_8bit=txn.body_8bit or not body.isascii(),
             client_ip=session.client_ip,
             client_helo=sanitize_token(session.session.host_name, limit=255),
-            auth_user=session.auth_user,
+            auth_user=session.auth_user, requiretls=txn.requiretls,
         )
         fields: dict[str, Any] = {"sender": txn.sender, "recipients": len(txn.recipients)}
         try:
@@ -203,7 +204,8 @@ class Intake:
             return REPLY_UNAVAILABLE, fields
         event("received", id=qid, session=session.sid, client_ip=session.client_ip,
               sender=txn.sender, recipients=len(txn.recipients), size=len(envelope.body),
-              protocol=proto, auth_user=session.auth_user)
+              protocol=proto, auth_user=session.auth_user,
+              requiretls=True if txn.requiretls else None)
         return f"250 2.0.0 Ok: queued as {qid}", fields
 
 

@@ -323,6 +323,8 @@ class IntakeSession(TlsAuthCommands, SMTP):
             lines.append("STARTTLS")
         if self.intake.auth_enabled and self.tls_active:
             lines.append("AUTH PLAIN LOGIN")
+        if self.tls_active:  # RFC 8689 §4.1: only inside TLS
+            lines.append("REQUIRETLS")
         # One write for the whole multi-line reply (not one send() per line).
         await self.push("\r\n".join(f"250{'-' if i < len(lines) - 1 else ' '}{text}"
                                       for i, text in enumerate(lines)))
@@ -372,6 +374,14 @@ class IntakeSession(TlsAuthCommands, SMTP):
                                  command="MAIL", sender=path.address)
                 return
         params.pop("AUTH", None)  # RFC 4954 §5: may be ignored
+        requiretls = "REQUIRETLS" in params
+        if params.pop("REQUIRETLS", None) is not None:
+            await self.reply("501 5.5.4 Error: REQUIRETLS takes no value", command="MAIL")
+            return
+        if requiretls and not self.tls_active:
+            await self.reply("530 5.7.10 REQUIRETLS needs a TLS session: STARTTLS first",
+                             command="MAIL")
+            return
         if params:
             await self.reply(f"555 5.5.4 Error: unsupported parameter {sorted(params)[0]}",
                              command="MAIL")
@@ -379,7 +389,8 @@ class IntakeSession(TlsAuthCommands, SMTP):
         if path.mailbox is not None and not path.mailbox.ascii and not smtputf8:
             await self.reply(NEED_SMTPUTF8.reply, command="MAIL")
             return
-        self._txn = Transaction(path.address, smtputf8=smtputf8, body_8bit=body == "8BITMIME")
+        self._txn = Transaction(path.address, smtputf8=smtputf8, body_8bit=body == "8BITMIME",
+                                requiretls=requiretls)
         await self.push("250 2.1.0 Ok")
 
     async def cmd_RCPT(self, arg: str) -> None:

@@ -355,7 +355,8 @@ class SmtpSession:
 
     async def send_mail(self, sender: str, recipients: Iterable[str], body: bytes, *,
                         smtputf8: bool = False, size: int | None = None,
-                        body_8bit: bool | None = None) -> TransactionResult:
+                        body_8bit: bool | None = None,
+                        requiretls: bool = False) -> TransactionResult:
         """One transaction: MAIL, RCPT per recipient, DATA, the body.
 
         With PIPELINING, MAIL and every RCPT (and DATA, unless pipeline_data is False) go
@@ -363,7 +364,8 @@ class SmtpSession:
 
         `body`: the message with CRLF line ends, not dot-stuffed. `smtputf8`: the message
         needs SMTPUTF8 (non-ASCII addresses also make it so). `size`: declared with SIZE=
-        (default len(body)). `body_8bit`: None = detect. A server SIZE smaller than `size`
+        (default len(body)). `body_8bit`: None = detect. `requiretls`: MAIL FROM carries
+        REQUIRETLS (the caller checked the server offers it). A server SIZE smaller than `size`
         refuses the message with 5.3.4, a missing SMTPUTF8 with 5.6.7, before MAIL.
         """
         rcpts = list(dict.fromkeys(recipients))
@@ -382,7 +384,8 @@ class SmtpSession:
         if refused is not None:
             return TransactionResult(None, {}, None, refused=refused)
         mail_cmd = p.mail_from(sender, size=size if "SIZE" in ext else None,
-                               body_8bit=eight and ext.eightbitmime, smtputf8=need_utf8)
+                               body_8bit=eight and ext.eightbitmime, smtputf8=need_utf8,
+                               requiretls=requiretls)
         rcpt_cmds = [p.rcpt_to(r, smtputf8=need_utf8) for r in rcpts]
         t = self.timeouts
         reset = self.state is not State.READY

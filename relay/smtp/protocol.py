@@ -243,8 +243,9 @@ def needs_smtputf8(sender: str, recipients: Iterable[str]) -> bool:
 
 
 def mail_from(sender: str, *, size: int | None = None, body_8bit: bool = False,
-              smtputf8: bool = False) -> bytes:
-    """MAIL FROM:<sender> with SIZE=, BODY=8BITMIME and SMTPUTF8 as asked (null sender: "")."""
+              smtputf8: bool = False, requiretls: bool = False) -> bytes:
+    """MAIL FROM:<sender> with SIZE=, BODY=8BITMIME, SMTPUTF8 and REQUIRETLS (RFC 8689) as
+    asked (null sender: "")."""
     cmd = b"MAIL FROM:" + _path(sender, smtputf8)
     if size is not None:
         cmd += b" SIZE=%d" % size
@@ -252,6 +253,8 @@ def mail_from(sender: str, *, size: int | None = None, body_8bit: bool = False,
         cmd += b" BODY=8BITMIME"
     if smtputf8:
         cmd += b" SMTPUTF8"
+    if requiretls:
+        cmd += b" REQUIRETLS"
     return cmd + b"\r\n"
 
 

@@ -32,6 +32,7 @@ class Job:
     smtputf8: bool
     size: int
     kind: str = ""  # the message's extra["kind"]: "ndr", "tlsrpt", ... ("" for client mail)
+    requiretls: bool = False  # MAIL FROM ... REQUIRETLS (RFC 8689)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class MessageInfo:
     auth_user: str | None = None
     has_body: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    requiretls: bool = False
 
     def summary_json(self) -> dict[str, Any]:
         """The `relay queue list --json` element."""
@@ -170,6 +172,7 @@ class MessageInfo:
             "client_ip": self.client_ip,
             "client_helo": self.client_helo,
             "finished_at": iso(self.finished_at),
+            "requiretls": self.requiretls,
             "recipients": [r.detail_json() for r in self.recipients],
         }
 
@@ -212,7 +215,7 @@ def build_jobs(rows: Sequence[Any], msgs: Sequence[Any], max_recipients: int | N
     """Jobs from claimed rows, in fair order: never-tried and deferred groups in turn.
 
     rows: (recipient id, message id, domain, address, attempts, status, next_attempt_at);
-    msgs: (id, sender, received_at, smtputf8, size[, kind]).
+    msgs: (id, sender, received_at, smtputf8, size[, kind[, requiretls]]).
     """
     meta = {m[0]: m for m in msgs}
     groups: dict[tuple[str, str], list[Any]] = {}
@@ -237,5 +240,6 @@ def build_jobs(rows: Sequence[Any], msgs: Sequence[Any], max_recipients: int | N
         for i in range(0, len(rcpts), step):
             jobs.append(Job(message_id=mid, sender=m[1], domain=domain, received_at=m[2],
                             recipients=rcpts[i:i + step], smtputf8=bool(m[3]), size=m[4],
-                            kind=str(m[5] or "") if len(m) > 5 else ""))
+                            kind=str(m[5] or "") if len(m) > 5 else "",
+                            requiretls=bool(m[6]) if len(m) > 6 else False))
     return jobs

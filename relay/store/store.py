@@ -176,6 +176,7 @@ class Store(TlsRptStore, StsStore):
             qid, envelope.sender, now, len(body), body, header_section(body),
             int(envelope.smtputf8), int(envelope.body_8bit), envelope.client_ip,
             envelope.client_helo, envelope.auth_user, json.dumps(envelope.extra),
+            int(envelope.requiretls),
         )
         seen: set[str] = set()
         recipients = []
@@ -367,6 +368,7 @@ class Store(TlsRptStore, StsStore):
             smtputf8=bool(msg[5]), body_8bit=bool(msg[6]), client_ip=msg[7],
             client_helo=msg[8], auth_user=msg[9], finished_at=msg[10],
             has_body=bool(msg[11]), extra=json.loads(msg[12] or "{}"), recipients=recipients,
+            requiretls=bool(msg[13]),
         )
 
     async def retry(self, message_id: str | None, *, now: float) -> int:

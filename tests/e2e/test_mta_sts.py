@@ -9,6 +9,8 @@ Schedule: retry every 1 s for 3 s, so a failing recipient sees 4 attempts and bo
 from __future__ import annotations
 
 import json
+import ssl
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,10 @@ from typing import Any
 import pytest
 
 from relay.delivery import retry
-from tests.support.certs import Issued, make_ca, make_leaf
+from tests.support.certs import Issued, make_ca, make_leaf, write_pair
 from tests.support.dnsbed import DnsBed, dnsbed_fixture
 from tests.support.e2e import (
+    SENDER,
     delivering_relay,
     delivery_status,
     final,
@@ -35,12 +38,14 @@ from tests.support.stsserver import PolicyServer, policy_text, sts_addr
 SCHEDULE, LIFETIME = ["1s"], "3s"
 ATTEMPTS = retry.planned_attempts([1.0], 3.0)
 NAMES = ["enf", "selfsigned", "wrongname", "outside", "notls", "testing", "none", "p404",
-         "p500", "drip", "recheck", "dane", "daneout", "senderbox"]
+         "p500", "drip", "recheck", "dane", "daneout", "senderbox", "rtls", "rtlsno",
+         "danertls"]
 IP = {n: f"127.25.12.{i}" for i, n in enumerate(NAMES, start=1)}
 HTTPS = {n: sts_addr() for n in NAMES}
 PORT = shared_port([*IP.values(), "127.0.0.1"])
 CA = make_ca("MTA-STS E2E Root")
-SIGNED = ("dane", "daneout")
+SIGNED = ("dane", "daneout", "danertls")
+REQUIRETLS_DESTS = ("rtls", "danertls")
 
 
 def domain(name: str) -> str:
@@ -54,7 +59,8 @@ def mx(name: str) -> str:
 
 
 def cert(name: str) -> Issued:
-    if name in ("selfsigned", "testing", "none", "p404", "p500", "drip", "dane", "daneout"):
+    if name in ("selfsigned", "testing", "none", "p404", "p500", "drip", "dane", "daneout",
+                "danertls"):
         return make_leaf([mx(name)])  # not web-PKI valid (self-signed)
     if name == "wrongname":
         return make_leaf(["other.sts.test"], issuer=CA)
@@ -113,7 +119,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Poli
 @pytest.fixture(scope="module")
 def dests() -> Iterator[dict[str, Destination]]:
     made = {n: Destination(IP[n], PORT, tls=(CERTS[n], []) if n != "senderbox" else None,
-                           starttls=n != "notls", hostname=mx(n))
+                           starttls=n != "notls", hostname=mx(n),
+                           requiretls=n in REQUIRETLS_DESTS)
             for n in NAMES}
     with running(made):
         yield made
@@ -125,7 +132,10 @@ def relay(dnsbed: DnsBed, dests: dict[str, Destination], servers: dict[str, Poli
     work = tmp_path_factory.mktemp("relay-sts")
     ca_file = Path(work) / "ca.pem"
     ca_file.write_bytes(CA.pem)
-    with delivering_relay(work, dnsbed.nameserver, PORT, listener={"port": PORT},
+    cert_file, key_file = write_pair(make_leaf(["relay.test"]), directory=Path(work))
+    with delivering_relay(work, dnsbed.nameserver, PORT,
+                          listener={"port": PORT, "tls_cert": str(cert_file),
+                                    "tls_key": str(key_file)},
                           delivery={"retry_schedule": SCHEDULE, "max_lifetime": LIFETIME},
                           mta_sts={"ca_file": str(ca_file), "fetch_timeout": "2s",
                                    "connect_timeout": "2s"},
@@ -317,3 +327,87 @@ def test_check_says_what_to_fix(relay: RelayProc, name: str, code: str | None,
     assert "administrator should fix" in relay.cli(
         "check", domain(name), check=False).stdout
 
+
+
+# --- REQUIRETLS (RFC 8689) -----------------------------------------------------------------
+
+
+def send_tls(relay: RelayProc, rcpt: str, *, requiretls: bool = True,
+             headers: str = "") -> str:
+    """Submit over STARTTLS, with MAIL FROM ... REQUIRETLS; the queue id."""
+    mark = relay.mark()
+    tag = uuid.uuid4().hex[:8]
+    body = (f"From: <{SENDER}>\r\nTo: <{rcpt}>\r\nSubject: rtls {tag}\r\n{headers}"
+            f"Message-ID: <{tag}@client.test>\r\n\r\nsecret {tag}\r\n")
+    with relay.smtp() as client:
+        client.ehlo()
+        assert not client.has_extn("requiretls")  # never offered outside TLS
+        client.starttls(context=ssl._create_unverified_context())
+        client.ehlo()
+        assert client.has_extn("requiretls")
+        client.sendmail(SENDER, [rcpt], body.encode(),
+                        mail_options=["REQUIRETLS"] if requiretls else [])
+    return str(relay.wait_event("received", after=mark)["id"])
+
+
+@pytest.mark.parametrize("name, security", [("rtls", "sts-authenticated"),
+                                            ("danertls", "dane-authenticated")])
+def test_requiretls_goes_to_an_authenticated_next_hop_that_offers_it(
+        relay: RelayProc, dests: dict[str, Destination], name: str, security: str) -> None:
+    rcpt = f"bob@{domain(name)}"
+    qid = send_tls(relay, rcpt)
+    assert show(relay, qid)["requiretls"] is True
+    assert final(relay, qid, rcpt)["event"] == "delivered"
+    msg = message_for(dests[name], qid)
+    assert msg.tls and "REQUIRETLS" in msg.mail_options
+    assert relay.events("attempt", id=qid)[-1]["security"] == security
+
+
+@pytest.mark.parametrize("name, code", [("rtlsno", "5.7.30"), ("senderbox", "5.7.10")])
+def test_requiretls_bounces_at_once_never_in_clear(relay: RelayProc,
+                                                   dests: dict[str, Destination], name: str,
+                                                   code: str) -> None:
+    rcpt = f"carol@{domain(name)}"
+    qid = send_tls(relay, rcpt)
+    ev = final(relay, qid, rcpt)
+    assert ev["event"] == "bounced" and ev["code"] == code
+    assert not relay.events("deferred", id=qid)  # no retries
+    assert not any(qid.encode() in m.body and m.rcpt_tos == [rcpt]
+                   for m in dests[name].messages)
+    ndr = message_for(dests["senderbox"], f"{qid}.ndr")
+    assert delivery_status(ndr)[1]["status"] == code
+
+
+def test_requiretls_needs_tls_at_intake(relay: RelayProc) -> None:
+    with relay.smtp() as client:
+        client.ehlo()
+        code, text = client.mail(SENDER, ["REQUIRETLS"])
+    assert code == 530 and b"5.7.10" in text
+
+
+def test_tls_required_no_is_ignored_by_default(relay: RelayProc) -> None:
+    rcpt = f"dave@{domain('selfsigned')}"
+    mark = relay.mark()
+    qid = send_tls(relay, rcpt, requiretls=False, headers="TLS-Required: No\r\n")
+    ev = relay.wait_event("deferred", id=qid, after=mark, timeout=20)
+    assert ev["code"] == "4.7.342"
+
+
+def test_tls_required_no_is_honoured_when_configured(
+        dnsbed: DnsBed, dests: dict[str, Destination], servers: dict[str, PolicyServer],
+        tmp_path: Path) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(CA.pem)
+    cert_file, key_file = write_pair(make_leaf(["relay.test"]), directory=tmp_path)
+    with delivering_relay(tmp_path, dnsbed.nameserver, PORT,
+                          listener={"tls_cert": str(cert_file), "tls_key": str(key_file)},
+                          delivery={"honor_tls_required_no": True},
+                          mta_sts={"ca_file": str(ca_file)}) as other:
+        rcpt = f"erin@{domain('selfsigned')}"
+        qid = send_tls(other, rcpt, requiretls=False, headers="TLS-Required: No\r\n")
+        assert final(other, qid, rcpt)["event"] == "delivered"
+        # REQUIRETLS wins over the header field: 5.7.x, never delivered
+        rcpt2 = f"fred@{domain('selfsigned')}"
+        qid2 = send_tls(other, rcpt2, headers="TLS-Required: No\r\n")
+        ev = other.wait_event("deferred", id=qid2, timeout=20)
+        assert ev["code"] == "4.7.342"

@@ -21,6 +21,8 @@ STARTTLS in the same write, then the handshake goes on), `drop_in_data` (read th
 body line after 354, then reset the connection; True, or a count of DATA commands to
 drop), `greeting_delay` (math.inf: never greet), `greeting` (e.g. "554 5.7.1 go away"),
 `ehlo=False` (EHLO refused with 502: HELO only), `tls_max_version="1.1"`.
+`requiretls=True` advertises REQUIRETLS (RFC 8689) inside TLS and takes the MAIL
+parameter (recorded in `mail_options`).
 Settings are read per connection/command, so a test may change them while running.
 """
 
@@ -106,6 +108,8 @@ class _Handler:
             out.append("250-PIPELINING")
         if self.dest.enhanced_status_codes:
             out.append("250-ENHANCEDSTATUSCODES")
+        if self.dest.requiretls and session.ssl is not None:
+            out.append("250-REQUIRETLS")
         out.append("250 HELP")
         return out
 
@@ -243,6 +247,16 @@ class _DestSMTP(SMTP):
             return
         await super().smtp_EHLO(hostname)
 
+    async def smtp_MAIL(self, arg: str) -> None:
+        words = (arg or "").split(" ")
+        asked = any(w.upper() == "REQUIRETLS" for w in words)
+        if asked and self.dest.requiretls and self.session is not None \
+                and self.session.ssl is not None:
+            arg = " ".join(w for w in words if w.upper() != "REQUIRETLS")
+        await super().smtp_MAIL(arg)
+        if asked and self.envelope is not None and self.envelope.mail_from is not None:
+            self.envelope.mail_options.append("REQUIRETLS")
+
     async def smtp_STARTTLS(self, arg: str) -> None:
         if not arg and self.tls_context:
             custom = self.dest.reply_for("starttls")
@@ -287,6 +301,7 @@ class Destination:
         greeting_delay: float = 0.0,
         tls_max_version: str | None = None,
         hostname: str = "mx.example.test",
+        requiretls: bool = False,
     ) -> None:
         self.host_ip = host_ip
         self.port = port
@@ -303,6 +318,7 @@ class Destination:
         self.greeting = greeting
         self.greeting_delay = greeting_delay
         self.hostname = hostname
+        self.requiretls = requiretls
         self.presented_chain: list[bytes] = []  # DER, leaf first (when built from Issued)
         self.messages: list[Received] = []
         self.connections: list[ConnectionLog] = []

@@ -40,7 +40,8 @@ PURE = [
     "relay.dns.wire", "relay.smtp.protocol", "relay.store.periods",
     "relay.delivery.classify", "relay.delivery.retry", "relay.delivery.dsn",
     "relay.delivery.verdict", "relay.delivery.trace", "relay.tlsrpt.report", "relay.intake.address",
-    "relay.intake.received", "relay.sts.record", "relay.sts.webpki", "relay.sts.decide",
+    "relay.intake.received", "relay.delivery.requiretls",
+    "relay.sts.record", "relay.sts.webpki", "relay.sts.decide",
 ]
 IO_MODULES = {"asyncio", "socket", "ssl", "aiosqlite", "sqlite3", "selectors", "subprocess",
               "time", "http", "urllib.request", "aiosmtpd"}

@@ -3,8 +3,8 @@
 
 -- name: insert_message
 INSERT INTO messages (id, sender, received_at, size, body, headers, smtputf8, body_8bit,
-                      client_ip, client_helo, auth_user, extra)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+                      client_ip, client_helo, auth_user, extra, requiretls)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: insert_recipient
 INSERT INTO recipients (message_id, address, domain, next_attempt_at, updated_at)
@@ -52,7 +52,8 @@ WHERE id IN (
 RETURNING id, message_id, domain, address, attempts, status, next_attempt_at;
 
 -- name: job_messages
-SELECT id, sender, received_at, smtputf8, size, coalesce(json_extract(extra, '$.kind'), '')
+SELECT id, sender, received_at, smtputf8, size, coalesce(json_extract(extra, '$.kind'), ''),
+       requiretls
 FROM messages WHERE id IN (SELECT value FROM json_each(:ids));
 
 -- name: unlease
@@ -168,7 +169,7 @@ ORDER BY message_id, id;
 
 -- name: get_message
 SELECT id, sender, received_at, size, held, smtputf8, body_8bit, client_ip, client_helo,
-       auth_user, finished_at, body IS NOT NULL AS has_body, extra
+       auth_user, finished_at, body IS NOT NULL AS has_body, extra, requiretls
 FROM messages WHERE id = :id;
 
 -- name: get_recipients
