@@ -76,8 +76,9 @@ async def request(host: str, ip: str, path: str, *, context: ssl.SSLContext,
                         ip, port, ssl=context, server_hostname=host,
                         ssl_handshake_timeout=connect_timeout)
             except ssl.SSLCertVerificationError as exc:
-                raise HttpsError(f"certificate of {host} [{ip}]: "
-                                 f"{exc.verify_message or exc}", kind="certificate") from None
+                why = f"{exc.reason}: {exc.verify_message}" if exc.verify_message else str(exc)
+                raise HttpsError(f"certificate of {host} [{ip}]: {why}",
+                                 kind="certificate") from None
             except ssl.SSLError as exc:
                 raise HttpsError(f"TLS with {host} [{ip}]: {exc}", kind="tls") from None
             except TimeoutError:

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 import ipaddress
 import os
 import random
@@ -33,7 +32,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from relay import __version__
 from relay.config import Config
 from relay.dns.resolve import Resolver
 from relay.errors import ConfigError, RelayError
@@ -41,6 +39,7 @@ from relay.log import event
 from relay.model import Envelope, Rcode
 from relay.store import Store
 from relay.store.tlsrpt import ReportTask
+from relay.sts import web
 from relay.tasks import cancel_and_wait
 from relay.tlsrpt import report as rpt
 from relay.tlsrpt.mail import SIGNED_HEADERS, build_mail
@@ -142,38 +141,20 @@ class DkimSigner:
 # --- HTTPS ----------------------------------------------------------------------------
 
 
-class _PinnedHTTPS(http.client.HTTPSConnection):
-    """HTTPS to a given address, with the certificate checked against the URL's host."""
-
-    def __init__(self, host: str, port: int, ip: str, *, timeout: float,
-                 context: ssl.SSLContext) -> None:
-        super().__init__(host, port, timeout=timeout, context=context)
-        self._ip = ip
-        self._ctx = context
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self._ip, self.port), self.timeout)
-        try:
-            self.sock = self._ctx.wrap_socket(sock, server_hostname=self.host)
-        except BaseException:
-            sock.close()
-            raise
-
-
-def _post(url: str, ip: str, body: bytes, *, timeout: float, context: ssl.SSLContext) -> int:
+async def _post(url: str, ip: str, body: bytes, *, seconds: float,
+                context: ssl.SSLContext) -> int:
+    """POST a report to `url` at `ip` (our resolver's address for its host), with the
+    certificate checked against the URL's host (relay.sts.web, shared with the MTA-STS
+    policy fetch). Raises relay.sts.web.HttpsError."""
     parts = urlsplit(url)
     assert parts.hostname is not None
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    conn = _PinnedHTTPS(parts.hostname, parts.port or 443, ip, timeout=timeout,
-                        context=context)
-    try:
-        conn.request("POST", path, body=body, headers={
-            "Content-Type": rpt.MEDIA_TYPE_GZIP, "User-Agent": f"dane-relay/{__version__}"})
-        resp = conn.getresponse()
-        resp.read(65536)
-        return resp.status
-    finally:
-        conn.close()
+    resp = await web.request(parts.hostname, ip, path, context=context,
+                             port=parts.port or 443, method="POST", body=body,
+                             headers=(("Content-Type", rpt.MEDIA_TYPE_GZIP),),
+                             connect_timeout=seconds, total_timeout=seconds,
+                             max_body=65536)
+    return resp.status
 
 
 # --- the reporter -----------------------------------------------------------------------
@@ -444,11 +425,10 @@ class TlsReporter:
         detail = f"no address for {host}"
         for ip in addrs[:4]:
             try:
-                status = await asyncio.to_thread(_post, url, ip, gz,
-                                                 timeout=self.settings.https_timeout,
-                                                 context=self._context)
-            except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
-                detail = f"{ip}: {type(exc).__name__}: {exc}"
+                status = await _post(url, ip, gz, seconds=self.settings.https_timeout,
+                                     context=self._context)
+            except web.HttpsError as exc:
+                detail = f"{ip}: {exc.kind}: {exc}"
                 continue
             if status in HTTP_OK:
                 event("tlsrpt_sent", policy_domain=domain, via="https", url=url,
