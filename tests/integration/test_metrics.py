@@ -65,3 +65,25 @@ async def test_counters_follow_log_events_and_gauges_read_the_queue(capsys: Any)
         metrics.uninstall()
         await server.stop()
     capsys.readouterr()
+
+
+async def test_mta_sts_counters(capsys: Any) -> None:
+    metrics = Metrics()
+    metrics.install()
+    server = MetricsServer(metrics, "127.0.0.1", 0)
+    await server.start()
+    try:
+        log.event("sts_fetched", domain="a.example", policy_id="1", mode="enforce")
+        log.event("sts_fetch_failed", domain="b.example", result_type="sts-policy-invalid")
+        log.event("attempt", id="A", security="failed", code="4.7.342")
+        log.event("attempt", id="A", security="sts-authenticated", tls="TLSv1.3")
+        _, body = await _get(server.port, "/metrics")
+        assert _value(body, 'relay_sts_fetches_total{result="ok"}') == 1
+        assert _value(body, 'relay_sts_fetches_total{result="sts-policy-invalid"}') == 1
+        assert _value(body, 'relay_sts_failures_total{code="4.7.342"}') == 1
+        assert _value(body, 'relay_dane_outcomes_total{code="",outcome="sts-authenticated"}') \
+            == 1
+    finally:
+        metrics.uninstall()
+        await server.stop()
+    capsys.readouterr()

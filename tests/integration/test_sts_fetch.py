@@ -25,7 +25,8 @@ from tests.support.stsserver import PolicyServer, policy_text, sts_addr
 CA = make_ca("STS Test Root")
 ZONE = "sts.test"
 MODES = ["ok", "404", "500", "redirect", "wrong-type", "drip", "endless", "hang", "utf8",
-         "manymx", "maxage", "selfsigned", "cached", "expiry", "refresh", "share", "retry"]
+         "manymx", "maxage", "selfsigned", "cached", "expiry", "refresh", "share", "retry",
+         "tst"]
 IP = {m: sts_addr() for m in MODES}
 POLICY = policy_text("enforce", "mx.ok.sts.test", "*.sts.test", max_age=3600)
 
@@ -60,8 +61,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Poli
     for mode in MODES:
         kind = {"utf8": "raw", "manymx": "raw", "maxage": "raw", "selfsigned": "ok",
                 "cached": "ok", "expiry": "ok", "refresh": "ok", "share": "drip",
-                "retry": "500"}.get(mode, mode)
-        made[mode] = PolicyServer(IP[mode], dom(mode), ca=CA, policy=POLICY, mode=kind,
+                "retry": "500", "tst": "ok"}.get(mode, mode)
+        text = POLICY.replace("enforce", "testing") if mode == "tst" else POLICY
+        made[mode] = PolicyServer(IP[mode], dom(mode), ca=CA, policy=text, mode=kind,
                                   raw=raw.get(mode, b""), self_signed=mode == "selfsigned",
                                   directory=d)
     for s in made.values():
@@ -250,3 +252,16 @@ def test_off_switches(dnsbed: DnsBed, ca_file: Path) -> None:
     cfg = build({"domains": {"X.test": {"mta_sts": "off"}}}, source="t")
     assert asyncio.run(StsSource(Resolver.from_config(cfg.dns), cfg).lookup("x.test")).state \
         == "off"
+
+
+async def test_domain_override_enforces_a_testing_policy(dnsbed: DnsBed,
+                                                          servers: dict[str, PolicyServer],
+                                                          ca_file: Path) -> None:
+    plain = config(dnsbed, ca_file)
+    st = await StsSource(Resolver.from_config(plain.dns), plain).lookup(dom("tst"))
+    assert (st.mode, st.published_mode) == ("testing", "testing")
+    forced = build({"dns": {"nameservers": [dnsbed.nameserver]},
+                    "mta_sts": {"ca_file": str(ca_file)},
+                    "domains": {dom("tst"): {"mta_sts": "enforce"}}}, source="test")
+    st = await StsSource(Resolver.from_config(forced.dns), forced).lookup(dom("tst"))
+    assert (st.mode, st.published_mode) == ("enforce", "testing")
