@@ -130,7 +130,8 @@ class StsSource:
             return StsState("off", detail=why)
         try:
             return await self._lookup(d, override, force, wait)
-        except (RelayError, OSError) as exc:  # the store failed, the trust store is missing
+        except Exception as exc:  # the store failed, the trust store is missing, a bug:
+            # MTA-STS trouble is contained here and never stops delivery by itself
             event("internal_error", level="error", component="mta-sts", domain=d,
                   error=f"{type(exc).__name__}: {exc}")
             return StsState("failed", failure_type=decide.FETCH_ERROR, detail=str(exc))
