@@ -113,6 +113,8 @@ def format_show(m: MessageInfo, now: float) -> str:
         + (f" user {m.auth_user}" if m.auth_user else ""),
         f"  held:      {'yes' if m.held else 'no'}",
     ]
+    if m.requiretls:
+        out.append("  tls:       REQUIRETLS (RFC 8689): DANE or MTA-STS authenticated hops only")
     if m.finished_at is not None:
         out.append(f"  finished:  {iso(m.finished_at)} (body removed; trace kept)")
     for r in m.recipients:

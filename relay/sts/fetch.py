@@ -11,11 +11,15 @@ policy, a wrong media type), `sts-policy-fetch-error` (everything else).
 
 from __future__ import annotations
 
+import re
 import ssl
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.verification import Store
 
 from relay.config import Config
@@ -49,14 +53,41 @@ def _system_cafile() -> str:
                       key="mta_sts.ca_file")
 
 
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def _roots(pem: bytes) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle that parses. One odd root (system bundles carry a
+    few, e.g. with a non-positive serial number) is skipped, not fatal for the others."""
+    out = []
+    for block in _PEM_CERT.findall(pem):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            try:
+                out.append(x509.load_pem_x509_certificate(block))
+            except ValueError:
+                continue
+    return out
+
+
 def load_trust(ca_file: Path | None) -> Trust:
     """Load `mta_sts.ca_file` (or the system's store). Raises ConfigError naming it."""
     path = str(ca_file) if ca_file else _system_cafile()
     try:
-        pem = Path(path).read_bytes()
-        roots = x509.load_pem_x509_certificates(pem)
-        context = ssl.create_default_context(cafile=path)
-    except (OSError, ValueError, ssl.SSLError) as exc:
+        roots = _roots(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"mta_sts.ca_file {path}: cannot read: {exc}",
+                          key="mta_sts.ca_file") from None
+    if not roots:
+        raise ConfigError(f"mta_sts.ca_file {path}: no certificate in it",
+                          key="mta_sts.ca_file")
+    # The policy fetch trusts exactly the roots the MX check trusts (PROTOCOL_TLS_CLIENT:
+    # certificate and host name required; no system store added behind ca_file's back).
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cadata="".join(
+            c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in roots))
+    except ssl.SSLError as exc:
         raise ConfigError(f"mta_sts.ca_file {path}: cannot load: {exc}",
                           key="mta_sts.ca_file") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -357,6 +357,7 @@ def test_requiretls_goes_to_an_authenticated_next_hop_that_offers_it(
     rcpt = f"bob@{domain(name)}"
     qid = send_tls(relay, rcpt)
     assert show(relay, qid)["requiretls"] is True
+    assert "REQUIRETLS" in relay.cli("queue", "show", qid).stdout
     assert final(relay, qid, rcpt)["event"] == "delivered"
     msg = message_for(dests[name], qid)
     assert msg.tls and "REQUIRETLS" in msg.mail_options

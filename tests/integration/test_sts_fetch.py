@@ -265,3 +265,20 @@ async def test_domain_override_enforces_a_testing_policy(dnsbed: DnsBed,
                     "domains": {dom("tst"): {"mta_sts": "enforce"}}}, source="test")
     st = await StsSource(Resolver.from_config(forced.dns), forced).lookup(dom("tst"))
     assert (st.mode, st.published_mode) == ("enforce", "testing")
+
+
+def test_trust_store_loading(tmp_path: Path) -> None:
+    from relay.errors import ConfigError
+
+    bundle = tmp_path / "bundle.pem"
+    broken = b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"
+    bundle.write_bytes(broken + CA.pem)
+    trust = load_trust(bundle)  # the broken entry is skipped, the CA kept
+    assert trust.source == str(bundle)
+    empty = tmp_path / "empty.pem"
+    empty.write_text("no certificates here\n")
+    with pytest.raises(ConfigError, match=r"mta_sts\.ca_file"):
+        load_trust(empty)
+    with pytest.raises(ConfigError, match=r"mta_sts\.ca_file"):
+        load_trust(tmp_path / "missing.pem")
+    assert load_trust(None).source  # the system's store
