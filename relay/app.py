@@ -35,7 +35,7 @@ from relay.intake.listener import Listener, load_tls, load_users
 from relay.log import event
 from relay.ops.components import MetricsComponent, ResolverProbe
 from relay.store import Store
-from relay.sts.fetch import load_trust
+from relay.sts.fetch import Trust, load_trust
 from relay.sts.source import StsRefresher, StsSource
 
 DRAIN_TIMEOUT = 30.0  # seconds the first signal waits for open work before stopping
@@ -140,7 +140,7 @@ async def _stop_one(component: Component) -> bool:
 
 
 def build_components(cfg: Config, store: Store, *, tls: ssl.SSLContext | None,
-                     users: UserDb | None) -> list[Component]:
+                     users: UserDb | None, trust: Trust | None = None) -> list[Component]:
     """Everything `relay serve` runs, from the config."""
     lc = cfg.listener
     hostname = lc.hostname or socket.getfqdn()
@@ -156,8 +156,7 @@ def build_components(cfg: Config, store: Store, *, tls: ssl.SSLContext | None,
         reporter = TlsReporter(store, resolver, cfg, hostname=hostname)
     sts: StsSource | None = None
     if cfg.mta_sts.enabled and cfg.delivery.enabled:
-        trust = load_trust(cfg.mta_sts.ca_file)  # a bad ca_file is a configuration error
-        sts = StsSource(resolver, cfg, store, trust=trust)
+        sts = StsSource(resolver, cfg, store, trust=trust or load_trust(cfg.mta_sts.ca_file))
     if cfg.delivery.enabled:
         settings = DeliverySettings.from_config(cfg, hostname,
                                                 roots=sts.trust.roots if sts else None)
@@ -192,9 +191,11 @@ async def serve(cfg: Config, source: str) -> int:
     # Checked before the store is touched: a bad TLS or users file is a config error.
     tls = load_tls(cfg.listener)
     users = load_users(cfg.listener, tls)
+    trust = load_trust(cfg.mta_sts.ca_file) \
+        if cfg.mta_sts.enabled and cfg.delivery.enabled else None
     store = await Store.open(cfg.queue.path, commit_batch=cfg.queue.commit_batch)
     try:
-        app = App(build_components(cfg, store, tls=tls, users=users),
+        app = App(build_components(cfg, store, tls=tls, users=users, trust=trust),
                   drain_timeout=cfg.listener.drain_timeout)
         _install_signals(app)
         code = await app.run()
