@@ -26,7 +26,7 @@ CA = make_ca("STS Test Root")
 ZONE = "sts.test"
 MODES = ["ok", "404", "500", "redirect", "wrong-type", "drip", "endless", "hang", "utf8",
          "manymx", "maxage", "selfsigned", "cached", "expiry", "refresh", "share", "retry",
-         "tst"]
+         "tst", "idchange"]
 IP = {m: sts_addr() for m in MODES}
 POLICY = policy_text("enforce", "mx.ok.sts.test", "*.sts.test", max_age=3600)
 
@@ -61,7 +61,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Poli
     for mode in MODES:
         kind = {"utf8": "raw", "manymx": "raw", "maxage": "raw", "selfsigned": "ok",
                 "cached": "ok", "expiry": "ok", "refresh": "ok", "share": "drip",
-                "retry": "500", "tst": "ok"}.get(mode, mode)
+                "retry": "500", "tst": "ok", "idchange": "ok"}.get(mode, mode)
         text = POLICY.replace("enforce", "testing") if mode == "tst" else POLICY
         made[mode] = PolicyServer(IP[mode], dom(mode), ca=CA, policy=text, mode=kind,
                                   raw=raw.get(mode, b""), self_signed=mode == "selfsigned",
@@ -282,3 +282,25 @@ def test_trust_store_loading(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"mta_sts\.ca_file"):
         load_trust(tmp_path / "missing.pem")
     assert load_trust(None).source  # the system's store
+
+
+async def test_a_new_txt_id_fetches_the_new_policy(dnsbed: DnsBed,
+                                                   servers: dict[str, PolicyServer],
+                                                   ca_file: Path, tmp_path: Path) -> None:
+    """A real change of the published record (zone edited, NSD and Unbound reloaded)."""
+    srv, d = servers["idchange"], dom("idchange")
+    store, src = await store_source(dnsbed, ca_file, tmp_path)
+    first = await src.lookup(d)
+    assert first.policy_id == "1" and first.mode == "enforce"
+    srv.policy = POLICY.replace("enforce", "testing")
+    assert (await src.lookup(d)).mode == "enforce"  # same id: the cached policy
+    zone = dnsbed.zone(ZONE)
+    zone.remove("_mta-sts.idchange", "TXT").add("_mta-sts.idchange", "TXT",
+                                                '"v=STSv1; id=2;"')
+    dnsbed.reload()
+    await store.close()
+    store, src = await store_source(dnsbed, ca_file, tmp_path)  # no cached TXT answer
+    new = await src.lookup(d)
+    assert (new.policy_id, new.mode, new.source) == ("2", "testing", "fetched")
+    assert len(srv.requests) == 2
+    await store.close()
