@@ -426,16 +426,19 @@ class Deliverer:
 
 
 _RELAXED = "ignored for a TLS report"
-_RELAXABLE = ("dnssec-invalid", "dane-required")
+_RELAXABLE = ("dnssec-invalid", "dane-required", "validation-failure")  # the last: an
+# MX host outside an MTA-STS enforce policy's patterns
 
 
 def relaxed_plan(plan: DomainPlan) -> DomainPlan:
     """The plan for TLS report mail (RFC 8460 §3: reports are sent despite TLS failures;
     they are what tells the domain about them). Hosts whose TLSA lookup failed DNSSEC
-    (or that `dane = "mandatory"` refused) are used with opportunistic TLS; at DANE and
-    TLS-mandatory hosts DANE is still tried first, but a mismatch, a failed handshake or
-    a missing STARTTLS no longer stops the session (TLS without authentication, else
-    cleartext). What cannot be trusted at all stays refused: a bogus or failed MX or
+    (or that `dane = "mandatory"` or an MTA-STS policy's MX patterns refused) are used
+    with opportunistic TLS; at DANE, MTA-STS and TLS-mandatory hosts the check is still
+    made first, but a mismatch, a failed handshake or a missing STARTTLS no longer stops
+    the session (TLS without authentication, else cleartext). Messages marked
+    "TLS-Required: No" get the same plan where delivery.honor_tls_required_no allows.
+    What cannot be trusted at all stays refused: a bogus or failed MX or
     address lookup gives no host to connect to."""
     hosts = tuple(
         replace(h, requirement=TlsRequirement.MAY, unusable_code=None,

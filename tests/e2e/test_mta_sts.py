@@ -407,6 +407,9 @@ def test_tls_required_no_is_honoured_when_configured(
         rcpt = f"erin@{domain('selfsigned')}"
         qid = send_tls(other, rcpt, requiretls=False, headers="TLS-Required: No\r\n")
         assert final(other, qid, rcpt)["event"] == "delivered"
+        out = f"erin@{domain('outside')}"  # its MX is not in the enforce policy
+        qid_out = send_tls(other, out, requiretls=False, headers="TLS-Required: No\r\n")
+        assert final(other, qid_out, out)["event"] == "delivered"
         # REQUIRETLS wins over the header field: 5.7.x, never delivered
         rcpt2 = f"fred@{domain('selfsigned')}"
         qid2 = send_tls(other, rcpt2, headers="TLS-Required: No\r\n")
