@@ -116,7 +116,11 @@ HostPort = Annotated[str, BeforeValidator(_hostport)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # validate_default: a default goes through the same validators as a written value,
+    # so it has the parsed types (a default written as text becomes a network, a
+    # duration, a size) and a bad default fails at import, not in a session.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True,
+                              validate_default=True)
 
 
 class ListenerConfig(_Section):
