@@ -63,3 +63,9 @@ class SmtpClientError(RelayError):
 
 class TlsError(SmtpClientError):
     """The STARTTLS handshake failed or the server broke TLS rules."""
+
+
+class TlsInjection(TlsError):
+    """The server sent bytes after its 220 reply to STARTTLS, before the TLS handshake
+    (a STARTTLS response injection, RFC 3207 §4.2, RFC 7672 §2.2): the session was
+    aborted before anything was read as a TLS-protected reply."""

@@ -154,6 +154,27 @@ def certificate_expired(detail: str = "") -> Outcome:
     return local(codetable.CERT_EXPIRED, detail)
 
 
+INJECTION = "STARTTLS response injection"
+STARTTLS_INJECTION_MAY = "4.7.0"  # RFC 3463 X.7.0: other or undefined security status
+
+
+def starttls_injection(where: str, *, mandatory: bool) -> Outcome:
+    """The server (or something on the path) sent data after its 220 reply to STARTTLS,
+    before the TLS handshake: the session was aborted and nothing was sent.
+
+    Where TLS was mandatory the code stays ``4.7.321`` (the SPEC's code for "TLS is
+    required and STARTTLS fails": the TLS-RPT and DANE code sets are unchanged); elsewhere
+    it is ``4.7.0``, a security failure, not a transport one (``4.4.1`` would say the host
+    did not answer). Either way the reply names the injection, never "not supported"
+    alone. `where`: ``"mx.example.com [192.0.2.1]"``."""
+    code = codetable.STARTTLS_NOT_SUPPORTED if mandatory else STARTTLS_INJECTION_MAY
+    reply = (f"{INJECTION}: {_one_line(where)} sent data after its 220 reply to STARTTLS, "
+             "before the TLS handshake; the session was aborted and nothing was sent")
+    if mandatory:
+        reply += " (TLS is required for this host)"
+    return Outcome(Action.DEFERRED, code, reply, Scope.SITE)
+
+
 def tlsa_invalid(detail: str = "") -> Outcome:
     """4.7.323: usable TLSA records exist and no presented certificate matches."""
     return local(codetable.TLSA_INVALID, detail)

@@ -26,11 +26,12 @@ from relay import codes as codetable
 from relay import dane
 from relay.dane.policy import DomainPlan, HostPlan, PlanAction
 from relay.delivery import classify
-from relay.errors import SmtpClientError, TlsError
+from relay.errors import SmtpClientError, TlsError, TlsInjection
 from relay.model import Action, Outcome, Scope, TlsRequirement
 from relay.sts import webpki
 
 STARTTLS_NOT_SUPPORTED = "starttls-not-supported"  # RFC 8460 result type
+VALIDATION_FAILURE = "validation-failure"  # RFC 8460: a failure of no other category
 
 
 class TlsStep(StrEnum):
@@ -132,8 +133,13 @@ def check_chain(host: HostPlan, chain: Sequence[bytes], now: dt.datetime,
 def session_failure(host: HostPlan, ip: str, exc: SmtpClientError, req: TlsRequirement
                     ) -> tuple[Outcome, str | None]:
     """A session that ended with an exception (connect, greeting, EHLO, STARTTLS, TLS):
-    the outcome and, for TLS failures where TLS was mandatory, the RFC 8460 type."""
+    the outcome and, for TLS failures where TLS was mandatory, the RFC 8460 type. A
+    STARTTLS response injection has its own outcome (classify.starttls_injection) and,
+    where TLS was mandatory, the RFC 8460 type `validation-failure`."""
     detail = f"{host.name} [{ip}]: {exc}"
+    if isinstance(exc, TlsInjection):
+        out = classify.starttls_injection(f"{host.name} [{ip}]", mandatory=mandatory(req))
+        return out, VALIDATION_FAILURE if mandatory(req) else None
     if isinstance(exc, TlsError) or exc.phase in ("starttls", "tls"):
         if mandatory(req):
             code = codetable.STS_STARTTLS if req is TlsRequirement.STS else \

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Self
 
 from relay.config import DeliveryConfig
-from relay.errors import SmtpClientError, TlsError
+from relay.errors import SmtpClientError, TlsError, TlsInjection
 from relay.smtp import protocol as p
 from relay.smtp.protocol import (
     Event,
@@ -289,8 +289,9 @@ class SmtpSession:
         """STARTTLS and the handshake (SNI = server_hostname). EHLO again afterwards.
 
         Raises TlsError: phase "starttls" when not offered or refused (the session stays
-        usable in cleartext unless the reply was 421) or when bytes were buffered after
-        the 220 (aborted); phase "tls" when the handshake fails (aborted).
+        usable in cleartext unless the reply was 421); TlsInjection (phase "starttls")
+        when bytes were buffered after the 220 (aborted); phase "tls" when the handshake
+        fails (aborted).
         """
         self._require(Event.STARTTLS)
         t = self.timeouts
@@ -303,8 +304,9 @@ class SmtpSession:
                 self.close()
             raise self._reply_error("starttls", reply, TlsError)
         if self._stream.pending:
-            raise self._error("starttls", "bytes buffered before the TLS handshake "
-                              "(injected after the 220 reply); aborted", TlsError, reply)
+            raise self._error("starttls", "bytes buffered after the 220 reply to STARTTLS, "
+                              "before the TLS handshake (STARTTLS response injection); "
+                              "aborted", TlsInjection, reply)
         self._state.advance(Event.STARTTLS)
         ctx = context or client_context(min_version)
         sni = server_hostname or None

@@ -275,6 +275,10 @@ def test_injection_after_starttls_is_never_read_as_tls(relay: RelayProc,
     qid = submit(relay, ["bob@inject.test"])
     ev = final(relay, qid, "bob@inject.test")
     assert ev["event"] == "expired" and ev["code"] == "5.7.321"
+    # the code of "TLS required", the text of what happened (issue 10 item 9a)
+    history = recipient(show(relay, qid), "bob@inject.test")["history"]
+    assert history and all(h["reply"].startswith("STARTTLS response injection: ")
+                           for h in history), history
     conns = dests["inject"].connections
     assert conns and all("MAIL" not in c.verbs() for c in conns)
 

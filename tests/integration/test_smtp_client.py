@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from relay.errors import SmtpClientError, TlsError
+from relay.errors import SmtpClientError, TlsError, TlsInjection
 from relay.smtp import SmtpSession, Timeouts
 from relay.smtp.protocol import State
 from tests.support import certs
@@ -332,6 +332,7 @@ async def test_injection_after_starttls_220_aborts(pki: Pki) -> None:
         with pytest.raises(TlsError) as err:
             await sess.starttls("mx.example.test")
         assert err.value.phase == "starttls" and "buffered" in str(err.value)
+        assert isinstance(err.value, TlsInjection) and "injection" in str(err.value)
         assert sess.closed and sess.tls is None
         with pytest.raises(SmtpClientError):
             await sess.send_mail("s@relay.test", ["r@example.test"], b"x")

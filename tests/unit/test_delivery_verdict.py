@@ -7,7 +7,8 @@ import pytest
 from relay.dane.policy import HostAddress, HostPlan
 from relay.delivery import verdict
 from relay.delivery.attempt import own_endpoints
-from relay.model import TlsRequirement
+from relay.errors import SmtpClientError, TlsError, TlsInjection
+from relay.model import Action, Scope, TlsRequirement
 
 
 def host(port: int = 25) -> HostPlan:
@@ -47,3 +48,31 @@ def test_greeting_with_our_own_name_is_a_loop() -> None:
     assert verdict.greeting_loops("RELAY.example.org. ESMTP", ("relay.example.org",))
     assert not verdict.greeting_loops("mx.example.com ESMTP", ("relay.example.org",))
     assert not verdict.greeting_loops("", ("relay.example.org",))
+
+
+INJECTED = TlsInjection("bytes buffered after the 220 reply to STARTTLS", phase="starttls")
+
+
+@pytest.mark.parametrize(("req", "code", "ftype"), [
+    (TlsRequirement.MAY, "4.7.0", None),
+    (TlsRequirement.ENCRYPT, "4.7.321", "validation-failure"),
+    (TlsRequirement.DANE, "4.7.321", "validation-failure"),
+])
+def test_starttls_injection_has_its_own_reason(req: TlsRequirement, code: str,
+                                               ftype: str | None) -> None:
+    out, got = verdict.session_failure(host(), "192.0.2.1", INJECTED, req)
+    assert (out.action, out.code, out.scope, got) == (Action.DEFERRED, code, Scope.SITE, ftype)
+    assert out.reply.startswith("STARTTLS response injection: mx.example.test [192.0.2.1] "
+                                "sent data after its 220 reply to STARTTLS")
+    assert "No answer" not in out.reply and "starttls-not-supported" not in out.reply
+
+
+@pytest.mark.parametrize(("exc", "req", "code"), [
+    (TlsError("STARTTLS refused: 454 no", phase="starttls"), TlsRequirement.DANE, "4.7.321"),
+    (TlsError("TLS handshake failed", phase="tls"), TlsRequirement.MAY, "4.4.1"),
+    (SmtpClientError("connect: refused", phase="connect"), TlsRequirement.MAY, "4.4.1"),
+])
+def test_other_session_failures_keep_their_codes(exc: SmtpClientError, req: TlsRequirement,
+                                                 code: str) -> None:
+    out, _ = verdict.session_failure(host(), "192.0.2.1", exc, req)
+    assert out.code == code and "injection" not in out.reply
