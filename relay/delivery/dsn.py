@@ -4,7 +4,7 @@ Pure: the time, the Message-ID and the MIME boundary are passed in, so the outpu
 same bytes for the same input. The result is a complete RFC 5322 message with CRLF line
 ends, to be enqueued with the null envelope sender to the original envelope sender.
 
-Layout (RFC 6522 multipart/report, report-type=delivery-status):
+Layout (RFC 6522 multipart/report, report-type=delivery-status, or the global form below):
 
 1. ``text/plain`` for people: per recipient the code, its contract text, the remote
    server and its reply, and what the sender should do (relay.codes sender advice, or a
@@ -15,16 +15,22 @@ Layout (RFC 6522 multipart/report, report-type=delivery-status):
    Last-Attempt-Date (and Will-Retry-Until in delay warnings).
 3. ``text/rfc822-headers``: the original header section, never the body.
 
-Safety of remote text: everything taken from outside (the remote reply, host names,
-addresses) goes through `sanitize_text`: control characters (CR, LF, NUL, TAB, ESC ...)
-become spaces, so no remote text can end a line and start a header; the machine part is
-ASCII only (other characters become ``?``); long texts are cut so that no line exceeds
-998 octets (RFC 5322 §2.1.1). The whole message is 7-bit except the ``To:`` header when
-the envelope sender itself is a UTF-8 address (RFC 6531); such an NDR needs SMTPUTF8.
+**SMTPUTF8 messages** (RFC 6533): the report about an SMTPUTF8 message (`smtputf8`, or
+when the caller does not say, a non-ASCII envelope address or a UTF-8 header section)
+is the global form: ``report-type=global-delivery-status``, part 2
+``message/global-delivery-status`` (UTF-8 addresses as ``utf-8-addr-unitext``, UTF-8 in
+the Diagnostic-Code), part 3 ``message/global-headers``; 8bit where it holds UTF-8.
+Otherwise the report is 7-bit except the ``To:`` header when the envelope sender itself
+is a UTF-8 address, and non-ASCII recipients are written with the ``utf-8`` address type
+in its 7-bit form (``utf-8-addr-xtext``: ``\\x{HEX}`` for each non-ASCII character and
+for ``+``, ``=``, ``\\``), which RFC 6533 requires inside message/delivery-status.
 
-Non-ASCII recipients are written with the ``utf-8`` address type of RFC 6533 in its
-7-bit form (``utf-8-addr-xtext``: ``\\x{HEX}`` for each non-ASCII character and for
-``+``, ``=``, ``\\``), which RFC 6533 requires inside message/delivery-status.
+Safety of remote text (relay.delivery.dsntext): RFC 2047 encoded-words in the remote
+reply are decoded first, then control characters (CR, LF, NUL, TAB, ESC ...) become
+spaces and any ``=?`` left is broken, so no remote text can end a line and start a
+header, not even in a parser that decodes encoded-words; the 7-bit report is ASCII only
+(other characters become ``?``); long texts are cut so that no line exceeds 998 octets
+(RFC 5322 §2.1.1).
 """
 
 from __future__ import annotations
@@ -37,16 +43,31 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from relay import codes as codetable
+from relay.delivery.dsntext import (
+    MAX_DIAGNOSTIC,
+    address_field,
+    clean_address,
+    cut_octets,
+    decode_utf8_address,
+    encode_utf8_address,
+    remote_text,
+    sanitize_text,
+    token,
+)
+
+__all__ = [
+    "MAX_DIAGNOSTIC", "FailedRecipient", "address_field", "build_delay_warning", "build_ndr",
+    "decode_utf8_address", "encode_utf8_address", "format_date", "is_smtputf8",
+    "sanitize_text",
+]
 
 MAX_LINE = 998  # RFC 5322 §2.1.1, octets without CRLF
-MAX_DIAGNOSTIC = 900  # characters of remote text in one delivery-status field
 WRAP = 76  # width of the readable part
 
 ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")  # RFC 3464 §2.3.3
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
 _DIAG_TYPE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)\s*;\s*")
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 _BCHARS = re.compile(r"[^0-9A-Za-z'()+_,\-./:=? ]")
 _SEVEN_BIT = re.compile(rb"[\t\x20-\x7e]*")
 _REPLY_CODE = re.compile(r"^[2-5]\d\d(?:[ -]|$)")
@@ -73,84 +94,10 @@ class FailedRecipient:
     original_recipient: str | None = None  # ORCPT (RFC 3461), when the client gave one
 
 
-# --- sanitizing ---------------------------------------------------------------------------
+# --- sanitizing (relay.delivery.dsntext) -----------------------------------------------
 
-
-def sanitize_text(value: str | bytes | None, *, limit: int = MAX_DIAGNOSTIC,
-                  unicode: bool = False) -> str:
-    """Remote text made safe for one header-like line.
-
-    Bytes are decoded as UTF-8 (invalid sequences become ``?``). Runs of control
-    characters and whitespace become one space. Other characters outside printable ASCII
-    become ``?``, unless `unicode` (for the readable part), where printable non-ASCII
-    characters are kept. At most `limit` characters; longer texts end with ``...``.
-    """
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    value = _CONTROLS.sub(" ", value)
-    out = []
-    for ch in value:
-        if " " <= ch <= "~":
-            out.append(ch)
-        elif unicode and ch.isprintable() and ch != "\ufffd":
-            out.append(ch)
-        else:
-            out.append(" " if ch.isspace() else "?")
-    text = " ".join("".join(out).split())
-    if len(text) > limit:
-        text = text[: max(limit - 3, 0)].rstrip() + "..."
-    return text
-
-
-def _token(value: str | None, limit: int = 255) -> str:
-    """A host name, id or address: no controls, no spaces."""
-    return sanitize_text(value, limit=limit).replace(" ", "")
-
-
-def _address(value: str, max_octets: int = 900) -> str:
-    """An address with controls and spaces removed; non-ASCII kept (UTF-8 addresses);
-    at most `max_octets` octets of UTF-8."""
-    addr = "".join(sanitize_text(value, limit=max_octets, unicode=True).split())
-    while len(addr.encode("utf-8")) > max_octets:
-        addr = addr[:-1]
-    return addr
-
-
-def encode_utf8_address(address: str) -> str:
-    """RFC 6533 utf-8-addr-xtext: ``\\x{HEX}`` for non-ASCII chars and ``+ = \\``."""
-    out = []
-    for ch in address:
-        o = ord(ch)
-        if 0x21 <= o <= 0x7E and ch not in "+=\\":
-            out.append(ch)
-        else:
-            out.append(f"\\x{{{o:02X}}}")
-    return "".join(out)
-
-
-def decode_utf8_address(text: str) -> str:
-    """The inverse of `encode_utf8_address`."""
-    return re.sub(r"\\x\{([0-9A-Fa-f]{2,6})\}", lambda m: chr(int(m.group(1), 16)), text)
-
-
-def address_field(address: str, budget: int = 960) -> str:
-    """``rfc822; a@b`` for ASCII addresses, ``utf-8; <xtext>`` (RFC 6533) otherwise.
-
-    Cut (at a character boundary) to `budget` characters, so that the field line stays
-    within 998 octets even for an absurdly long address.
-    """
-    addr = _address(address)
-    if addr.isascii():
-        return f"rfc822; {addr[: budget - 8]}"
-    encoded = ""
-    for ch in addr:
-        piece = encode_utf8_address(ch)
-        if len(encoded) + len(piece) > budget - 7:
-            break
-        encoded += piece
-    return f"utf-8; {encoded}"
+_token = token
+_address = clean_address
 
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -184,10 +131,12 @@ def _status_for(code: str, action: str) -> str:
 LOCAL_DIAGNOSTIC_TYPE = "x-dane-relay"
 
 
-def _diagnostic(value: str | bytes | None) -> tuple[str, str] | None:
-    """(type, text) of a Diagnostic-Code, sanitized. Without an explicit type: ``smtp``
-    when the text starts with a reply code, else our own `LOCAL_DIAGNOSTIC_TYPE`."""
-    text = sanitize_text(value)
+def _diagnostic(value: str | bytes | None, *, unicode: bool = False
+                ) -> tuple[str, str] | None:
+    """(type, text) of a Diagnostic-Code, decoded then sanitized (dsntext.remote_text).
+    Without an explicit type: ``smtp`` when the text starts with a reply code, else our
+    own `LOCAL_DIAGNOSTIC_TYPE`. `unicode`: printable non-ASCII kept (global reports)."""
+    text = cut_octets(remote_text(value, unicode=unicode), MAX_DIAGNOSTIC)
     if not text:
         return None
     m = _DIAG_TYPE.match(text)
@@ -267,7 +216,7 @@ def _readable(kind: str, reporting_mta: str, recipients: Sequence[FailedRecipien
         diag = _diagnostic(r.diagnostic)
         if diag:
             label = "The remote server replied" if diag[0] == "smtp" else "Details"
-            detail = sanitize_text(r.diagnostic, unicode=True)
+            detail = remote_text(r.diagnostic, unicode=True)
             m = _DIAG_TYPE.match(detail)
             if m:
                 detail = detail[m.end():]
@@ -285,7 +234,10 @@ def _readable(kind: str, reporting_mta: str, recipients: Sequence[FailedRecipien
 def _delivery_status(*, reporting_mta: str, envelope_id: str | None, queue_id: str | None,
                      arrival_date: datetime, recipients: Sequence[FailedRecipient],
                      actions: Sequence[str], statuses: Sequence[str],
-                     until: datetime | None) -> str:
+                     until: datetime | None, utf8: bool = False) -> str:
+    """The per-message and per-recipient fields. `utf8` (message/global-delivery-status,
+    RFC 6533 §6.3): addresses as utf-8-addr-unitext and the Diagnostic-Code with its
+    printable non-ASCII characters; otherwise all ASCII."""
     blocks = []
     head = [f"Reporting-MTA: dns; {reporting_mta}"]
     if envelope_id:
@@ -297,13 +249,14 @@ def _delivery_status(*, reporting_mta: str, envelope_id: str | None, queue_id: s
     for r, action, status in zip(recipients, actions, statuses, strict=True):
         block = []
         if r.original_recipient:
-            block.append(f"Original-Recipient: {address_field(r.original_recipient)}")
-        block.append(f"Final-Recipient: {address_field(r.address)}")
+            block.append("Original-Recipient: "
+                         + address_field(r.original_recipient, unitext=utf8))
+        block.append(f"Final-Recipient: {address_field(r.address, unitext=utf8)}")
         block.append(f"Action: {action}")
         block.append(f"Status: {status}")
         if r.remote_mta:
             block.append(f"Remote-MTA: dns; {_token(r.remote_mta)}")
-        diag = _diagnostic(r.diagnostic)
+        diag = _diagnostic(r.diagnostic, unicode=utf8)
         if diag:
             block.append(f"Diagnostic-Code: {diag[0]}; {diag[1]}")
         if r.last_attempt:
@@ -330,24 +283,62 @@ def _qp(data: bytes) -> bytes:
     return quopri.encodestring(lf, quotetabs=False).replace(b"\n", b"\r\n")
 
 
-def _text_part(text: str) -> tuple[list[str], bytes]:
+def _text_part(text: str, utf8: bool = False) -> tuple[list[str], bytes]:
     raw = text.encode("utf-8")
     if text.isascii():
         return (["Content-Type: text/plain; charset=us-ascii",
                  "Content-Transfer-Encoding: 7bit"], raw)
+    if utf8:  # an SMTPUTF8 report travels 8-bit anyway (lines are short: WRAP)
+        return (["Content-Type: text/plain; charset=utf-8",
+                 "Content-Transfer-Encoding: 8bit"], raw)
     return (["Content-Type: text/plain; charset=utf-8",
              "Content-Transfer-Encoding: quoted-printable"], _qp(raw))
 
 
-def _headers_part(section: bytes) -> tuple[list[str], bytes]:
-    """7bit when the headers are plain ASCII with short lines, else quoted-printable."""
+def _short_lines(section: bytes) -> bool:
+    return all(len(line) <= MAX_LINE for line in section.split(b"\r\n"))
+
+
+def _headers_part(section: bytes, utf8: bool = False) -> tuple[list[str], bytes]:
+    """text/rfc822-headers: 7bit when the headers are plain ASCII with short lines, else
+    quoted-printable. With `utf8`, message/global-headers (RFC 6533 §6.4: UTF-8 header
+    fields, no charset parameter): 7bit/8bit when the lines are short and valid UTF-8,
+    else quoted-printable (which RFC 6532 §3.5 allows for it)."""
     lines = section.split(b"\r\n")
-    plain = all(len(line) <= MAX_LINE and _SEVEN_BIT.fullmatch(line) for line in lines)
+    plain = _short_lines(section) and all(_SEVEN_BIT.fullmatch(line) for line in lines)
+    if utf8:
+        head = ["Content-Type: message/global-headers"]
+        if plain:
+            return [*head, "Content-Transfer-Encoding: 7bit"], section
+        if _short_lines(section) and b"\x00" not in section and _valid_utf8(section):
+            return [*head, "Content-Transfer-Encoding: 8bit"], section
+        return [*head, "Content-Transfer-Encoding: quoted-printable"], _qp(section)
     if plain:
         return (["Content-Type: text/rfc822-headers",
                  "Content-Transfer-Encoding: 7bit"], section)
     return (["Content-Type: text/rfc822-headers; charset=utf-8",
              "Content-Transfer-Encoding: quoted-printable"], _qp(section))
+
+
+def _valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def is_smtputf8(envelope_sender: str, recipients: Sequence[FailedRecipient],
+                original_headers: bytes) -> bool:
+    """Does this report concern an SMTPUTF8 message? Decided from what the report
+    carries, when the caller does not say: a non-ASCII envelope sender or recipient
+    (they need SMTPUTF8, RFC 6531), or a header section in UTF-8 (RFC 6532)."""
+    addresses = [envelope_sender, *(r.address for r in recipients),
+                 *(r.original_recipient or "" for r in recipients)]
+    if not all(a.isascii() for a in addresses):
+        return True
+    section = _headers_section(original_headers)
+    return not section.isascii() and _valid_utf8(section)
 
 
 def _boundary(wanted: str, bodies: Sequence[bytes]) -> str:
@@ -363,9 +354,13 @@ def _boundary(wanted: str, bodies: Sequence[bytes]) -> str:
 def _build(*, kind: str, original_headers: bytes, envelope_sender: str,
            envelope_id: str | None, arrival_date: datetime, reporting_mta: str,
            recipients: Sequence[FailedRecipient], now: datetime, message_id: str,
-           boundary: str, until: datetime | None, queue_id: str | None) -> bytes | None:
+           boundary: str, until: datetime | None, queue_id: str | None,
+           smtputf8: bool | None) -> bytes | None:
     if not envelope_sender or not recipients:
         return None
+    utf8 = is_smtputf8(envelope_sender, recipients, original_headers) if smtputf8 is None \
+        else smtputf8
+    report_type = "global-delivery-status" if utf8 else "delivery-status"
     mta = _token(reporting_mta) or "localhost"
     default_action = "failed" if kind == "failed" else "delayed"
     actions = [r.action if r.action in ACTIONS else default_action for r in recipients]
@@ -374,13 +369,14 @@ def _build(*, kind: str, original_headers: bytes, envelope_sender: str,
     report = _delivery_status(reporting_mta=mta, envelope_id=envelope_id,
                               queue_id=queue_id, arrival_date=arrival_date,
                               recipients=recipients, actions=actions, statuses=statuses,
-                              until=until)
-    text_headers, text_body = _text_part(text)
-    hdr_headers, hdr_body = _headers_part(_headers_section(original_headers))
+                              until=until, utf8=utf8)
+    text_headers, text_body = _text_part(text, utf8)
+    hdr_headers, hdr_body = _headers_part(_headers_section(original_headers), utf8)
     parts = [
         (["Content-Description: Notification", *text_headers], text_body),
-        (["Content-Description: Delivery report", "Content-Type: message/delivery-status",
-          "Content-Transfer-Encoding: 7bit"], report.encode("ascii")),
+        (["Content-Description: Delivery report", f"Content-Type: message/{report_type}",
+          f"Content-Transfer-Encoding: {'7bit' if report.isascii() else '8bit'}"],
+         report.encode("utf-8")),
         (["Content-Description: Undelivered message headers" if kind == "failed"
           else "Content-Description: Delayed message headers", *hdr_headers], hdr_body),
     ]
@@ -396,7 +392,7 @@ def _build(*, kind: str, original_headers: bytes, envelope_sender: str,
         f"Message-ID: <{msgid}>",
         "MIME-Version: 1.0",
         "Auto-Submitted: auto-replied",
-        "Content-Type: multipart/report; report-type=delivery-status;",
+        f"Content-Type: multipart/report; report-type={report_type};",
         f' boundary="{b}"',
     ]
     out = [("\r\n".join(head) + "\r\n\r\n").encode("utf-8"),
@@ -414,7 +410,7 @@ def _build(*, kind: str, original_headers: bytes, envelope_sender: str,
 def build_ndr(*, original_headers: bytes, envelope_sender: str, envelope_id: str | None,
               arrival_date: datetime, reporting_mta: str, failed: list[FailedRecipient],
               now: datetime, message_id: str, boundary: str,
-              queue_id: str | None = None) -> bytes | None:
+              queue_id: str | None = None, smtputf8: bool | None = None) -> bytes | None:
     """The non-delivery report for `failed` recipients of one message, or None.
 
     None when `envelope_sender` is empty (never an NDR for the null sender) or nothing
@@ -423,25 +419,29 @@ def build_ndr(*, original_headers: bytes, envelope_sender: str, envelope_id: str
     is dropped. `message_id` is written in angle brackets (given with or without them);
     `boundary` is used as given unless it is not a valid MIME boundary or occurs in the
     content (then characters are dropped or a suffix ``.N`` is added, deterministically).
+    `smtputf8`: the original message was an SMTPUTF8 one, so the report is the RFC 6533
+    global form; None decides from the addresses and headers (`is_smtputf8`).
     """
     return _build(kind="failed", original_headers=original_headers,
                   envelope_sender=envelope_sender, envelope_id=envelope_id,
                   arrival_date=arrival_date, reporting_mta=reporting_mta, recipients=failed,
                   now=now, message_id=message_id, boundary=boundary, until=None,
-                  queue_id=queue_id)
+                  queue_id=queue_id, smtputf8=smtputf8)
 
 
 def build_delay_warning(*, original_headers: bytes, envelope_sender: str,
                         envelope_id: str | None, arrival_date: datetime, reporting_mta: str,
                         delayed: list[FailedRecipient], will_retry_until: datetime,
                         now: datetime, message_id: str, boundary: str,
-                        queue_id: str | None = None) -> bytes | None:
+                        queue_id: str | None = None, smtputf8: bool | None = None
+                        ) -> bytes | None:
     """A delay warning (Action: delayed, Status 4.x.x, Will-Retry-Until), or None for the
     null sender. Recipients' `action` defaults to ``delayed`` when not a valid RFC 3464
-    action; pass ``FailedRecipient(..., action="delayed")``.
+    action; pass ``FailedRecipient(..., action="delayed")``. `smtputf8`: as in
+    `build_ndr`.
     """
     return _build(kind="delayed", original_headers=original_headers,
                   envelope_sender=envelope_sender, envelope_id=envelope_id,
                   arrival_date=arrival_date, reporting_mta=reporting_mta, recipients=delayed,
                   now=now, message_id=message_id, boundary=boundary, until=will_retry_until,
-                  queue_id=queue_id)
+                  queue_id=queue_id, smtputf8=smtputf8)

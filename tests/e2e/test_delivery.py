@@ -12,6 +12,8 @@ and 3 s after arrival: relay.delivery.retry.planned_attempts) and then bounces w
 from __future__ import annotations
 
 import datetime as dt
+import email
+import email.policy
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -393,3 +395,12 @@ def test_smtputf8_message_to_a_server_without_it_bounces_5_6_7(
     ev = final(relay, qid, "bj\u00f6rn@ascii.test")
     assert ev["event"] == "bounced" and ev["code"] == "5.6.7"
     assert not dests["ascii"].messages
+    # The NDR about an SMTPUTF8 message is an RFC 6533 global report (issue 10 item 9b).
+    report = ndr_for(dests, qid)
+    parsed = email.message_from_bytes(report.body, policy=email.policy.default)
+    assert parsed.get_param("report-type") == "global-delivery-status"
+    assert [p.get_content_type() for p in parsed.iter_parts()] == [
+        "text/plain", "message/global-delivery-status", "message/global-headers"]
+    status = report.body.split(b"Content-Type: message/global-delivery-status")[1]
+    assert "Final-Recipient: utf-8; bj\u00f6rn@ascii.test\r\n".encode() in status
+    assert b"Status: 5.6.7\r\n" in status

@@ -39,6 +39,7 @@ PURE = [
     "relay.dane.tlsa", "relay.dane.names", "relay.dane.match", "relay.dane.policy",
     "relay.dns.wire", "relay.smtp.protocol", "relay.store.periods",
     "relay.delivery.classify", "relay.delivery.retry", "relay.delivery.dsn",
+    "relay.delivery.dsntext",
     "relay.delivery.verdict", "relay.delivery.trace", "relay.tlsrpt.report", "relay.intake.address",
     "relay.intake.received", "relay.delivery.requiretls",
     "relay.sts.record", "relay.sts.webpki", "relay.sts.decide", "relay.check.stsview",
