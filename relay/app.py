@@ -144,8 +144,8 @@ def build_components(cfg: Config, store: Store, *, tls: ssl.SSLContext | None,
     """Everything `relay serve` runs, from the config."""
     lc = cfg.listener
     hostname = lc.hostname or socket.getfqdn()
-    intake = Intake(IntakeSettings.from_config(lc, hostname), store, tls_context=tls,
-                    users=users)
+    intake = Intake(IntakeSettings.from_config(lc, hostname, postmaster=cfg.ndr.postmaster),
+                    store, tls_context=tls, users=users)
     listener = Listener(intake, lc.host, lc.port)
     components: list[Component] = [listener]
     resolver = Resolver.from_config(cfg.dns)

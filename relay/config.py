@@ -84,6 +84,17 @@ def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"not a network: {value!r} ({exc})") from None
 
 
+def _mailbox(value: Any) -> str:
+    """`local@domain`, no spaces or control characters; returned as written."""
+    if not isinstance(value, str):
+        raise ValueError(f"not a mail address: {value!r}")
+    local, at, domain = value.rpartition("@")
+    if not at or not local or not domain or any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127
+                                                for ch in value) or "<" in value or ">" in value:
+        raise ValueError(f"not a mail address: {value!r} (write local@domain)")
+    return value
+
+
 def _hostport(value: Any) -> str:
     """`"ip"` or `"ip:port"` / `"[v6]:port"`; validated, returned as written."""
     if not isinstance(value, str) or not value:
@@ -113,6 +124,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
 HostPort = Annotated[str, BeforeValidator(_hostport)]
+MailAddress = Annotated[str, BeforeValidator(_mailbox)]
 
 
 class _Section(BaseModel):
@@ -324,8 +336,10 @@ class NdrConfig(_Section):
 
     enabled: bool = True
     """Send NDRs to the envelope sender (never to a null sender)."""
-    postmaster: str | None = None
-    """Where an NDR that itself fails goes, once; then it is dropped."""
+    postmaster: MailAddress | None = None
+    """Where an NDR that itself fails goes, once; then it is dropped. Also where mail to
+    `RCPT TO:<postmaster>` (no domain, RFC 5321 §4.5.1) goes, from any client; unset,
+    that recipient is refused with 550 5.1.1."""
     delay_warning: Duration | None = None
     """Warn the sender once a message has been delayed this long (off when unset)."""
     reporting_mta: str | None = None

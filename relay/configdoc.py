@@ -40,6 +40,8 @@ def _type_name(annotation: Any) -> str:
         return "size"
     if "_network" in text:
         return "list of CIDR"
+    if "_mailbox" in text:
+        return "mail address"
     if "_hostport" in text:
         return "list of host[:port]" if "tuple" in text else "host:port"
     origin = typing.get_origin(annotation)

@@ -57,8 +57,9 @@ class Mailbox:
 
 @dataclass(frozen=True)
 class Path:
-    mailbox: Mailbox | None  # None for the null path <>
+    mailbox: Mailbox | None  # None for the null path <> and for <postmaster>
     params: dict[str, str | None] = field(default_factory=dict)  # keyword upper-cased
+    postmaster: bool = False  # RCPT TO:<postmaster> without a domain (RFC 5321 §4.5.1)
 
     @property
     def address(self) -> str:
@@ -229,7 +230,9 @@ def parse_mailbox(text: str, role: str = "recipient") -> Mailbox | Refusal:
 def parse_path(text: str, *, role: str) -> Path | Refusal:
     """What follows `MAIL FROM:` (role "sender") or `RCPT TO:` (role "recipient").
 
-    The null path `<>` is accepted for the sender only. Without angle brackets a single
+    The null path `<>` is accepted for the sender only; `<postmaster>` (any case, no
+    domain) for the recipient only, as a Path with `postmaster` set and no mailbox
+    (RFC 5321 §4.5.1: every SMTP server must accept it). Without angle brackets a single
     token is taken as the mailbox (as Postfix does by default).
     """
     text = text.lstrip(" ")
@@ -253,6 +256,8 @@ def parse_path(text: str, *, role: str) -> Path | Refusal:
         if role == "sender" and text.startswith("<"):
             return Path(None, params)
         return _bad(role, "empty address")
+    if role == "recipient" and inner.lower() == "postmaster" and text.startswith("<"):
+        return Path(None, params, postmaster=True)  # case-insensitive (RFC 5321 §4.1.1.3)
     if inner.startswith("@"):
         return _routing("Source routes are not accepted")
     mailbox = parse_mailbox(inner, role)

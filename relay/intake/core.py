@@ -81,10 +81,12 @@ class IntakeSettings:
     data_timeout: float = 600.0
     max_line_length: int = 4096
     max_hops: int = 50
+    postmaster: str | None = None  # where RCPT TO:<postmaster> goes (ndr.postmaster)
 
     @classmethod
-    def from_config(cls, lc: ListenerConfig, hostname: str) -> IntakeSettings:
-        return cls(
+    def from_config(cls, lc: ListenerConfig, hostname: str, *,
+                    postmaster: str | None = None) -> IntakeSettings:
+        return cls(postmaster=postmaster,
             hostname=hostname, allowed_networks=tuple(lc.allowed_networks),
             max_message_size=lc.max_message_size, max_recipients=lc.max_recipients,
             max_connections=lc.max_connections,

@@ -404,6 +404,9 @@ class IntakeSession(TlsAuthCommands, SMTP):
             await self.reply(f"555 5.5.4 Error: unsupported parameter {next(iter(path.params))}",
                              command="RCPT")
             return
+        if path.postmaster:
+            await self._rcpt_postmaster()
+            return
         mailbox = path.mailbox
         assert mailbox is not None
         if mailbox.literal:
@@ -417,6 +420,10 @@ class IntakeSession(TlsAuthCommands, SMTP):
             await self.reply("554 5.7.1 Relay access denied", command="RCPT",
                              recipient=mailbox.address[:300])
             return
+        await self._add_recipient(mailbox.address)
+
+    async def _add_recipient(self, address: str) -> None:
+        assert self._txn is not None
         if len(self._txn.recipients) >= self.intake.settings.max_recipients:
             # Expected from a pipelining client with a long list: not an error (the
             # accepted recipients go on to DATA), up to Postfix's overshoot limit.
@@ -424,8 +431,19 @@ class IntakeSession(TlsAuthCommands, SMTP):
             await self.reply("452 4.5.3 Error: too many recipients", command="RCPT",
                              count=self._overshoot > RECIPIENT_OVERSHOOT)
             return
-        self._txn.recipients.append(mailbox.address)
+        self._txn.recipients.append(address)
         await self.push("250 2.1.5 Ok")
+
+    async def _rcpt_postmaster(self) -> None:
+        """RCPT TO:<postmaster> (RFC 5321 §4.5.1): accepted from any client, relay
+        permission or not, and routed to `ndr.postmaster`; refused (550 5.1.1) only
+        when no postmaster address is configured."""
+        target = self.intake.settings.postmaster
+        if not target:
+            await self.reply("550 5.1.1 <postmaster>: no postmaster address is configured "
+                             "on this relay", command="RCPT")
+            return
+        await self._add_recipient(target)
 
     async def cmd_DATA(self, arg: str) -> None:
         txn = self._txn

@@ -113,3 +113,18 @@ def test_a_zero_width_joiner_in_a_domain_is_refused() -> None:
 
     assert isinstance(parse_mailbox("u@a\u200db.example"), Refusal)
     assert not isinstance(parse_mailbox("u@ab.example"), Refusal)
+
+
+@pytest.mark.parametrize("text", ["<postmaster>", "<Postmaster>", "<POSTMASTER> ", " <postMaster>"])
+def test_postmaster_without_domain_for_recipients(text: str) -> None:
+    path = parse_path(text, role="recipient")
+    assert isinstance(path, Path) and path.postmaster and path.mailbox is None
+
+
+@pytest.mark.parametrize(("text", "role"), [("<postmaster>", "sender"),
+                                            ("postmaster", "recipient"),
+                                            ("<postmasters>", "recipient")])
+def test_postmaster_form_is_only_the_bracketed_recipient(text: str, role: str) -> None:
+    assert isinstance(parse_path(text, role=role), Refusal)
+    ordinary = parse_path("<postmaster@example.com>", role="recipient")
+    assert isinstance(ordinary, Path) and not ordinary.postmaster
