@@ -39,6 +39,7 @@ class TlsAuthCommands:
     loop: asyncio.AbstractEventLoop
     _tls_protocol: Any
     _original_transport: Any
+    _reader: Any
     _handler_coroutine: Any
     _txn: Any
     _errors: int
@@ -65,6 +66,7 @@ class TlsAuthCommands:
             await self.reply("503 5.5.1 Error: TLS already active", command="STARTTLS")
             return
         await self.push("220 2.0.0 Ready to start TLS")
+        self._drop_plaintext()
         waiter = self.loop.create_future()
         self._tls_protocol = sslproto.SSLProtocol(
             self.loop, self, self.tls_context, waiter, server_side=True)
@@ -85,6 +87,22 @@ class TlsAuthCommands:
             self.connection_lost(exc)
             if self._handler_coroutine is not None:
                 self._handler_coroutine.cancel()
+
+    def _drop_plaintext(self) -> None:
+        """Discard what the client sent behind STARTTLS (RFC 3207 §4.2: it is not part
+        of the TLS session) and let the socket be read again. asyncio's StreamReader
+        pauses the socket once its buffer passes the limit; a socket left paused under
+        the TLS handshake would hide the client's close until the handshake timeout,
+        holding the connection slot (issue 10 item 4)."""
+        reader = self._reader
+        buffer = getattr(reader, "_buffer", None)
+        if isinstance(buffer, bytearray):
+            buffer.clear()
+        resume = getattr(reader, "_maybe_resume_transport", None)
+        if callable(resume):
+            resume()  # clears the reader's own "paused" flag too
+        elif self.transport is not None and not self.transport.is_reading():
+            self.transport.resume_reading()  # pragma: no cover - older asyncio
 
     async def cmd_AUTH(self, arg: str) -> None:
         assert self.session is not None
