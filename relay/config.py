@@ -160,8 +160,20 @@ class ListenerConfig(_Section):
     """Simultaneous client connections in total; more get 421 4.7.0."""
     max_connections_per_ip: int = Field(50, ge=1)
     """Simultaneous connections from one client IP; more get 421 4.7.0."""
+    reserved_connections: int | None = Field(None, ge=0)
+    """Of max_connections, this many are kept for clients in allowed_networks and for
+    sessions that authenticated; other clients share the rest and get 421 4.7.0 when it
+    is full (default: a fifth of max_connections)."""
     command_timeout: Duration = 300.0
     """Idle time allowed between commands (Postfix's smtpd_timeout)."""
+    line_timeout: Duration = 30.0
+    """Once the first byte of a command line has arrived, the time allowed for the rest
+    of it (a client dripping bytes is cut much sooner than command_timeout); also bounds
+    the TLS handshake after STARTTLS."""
+    stress_command_timeout: Duration = 10.0
+    """While the untrusted clients' share of the connections is full, the command and
+    line timeout of their sessions (Postfix's smtpd_timeout under stress: 10 s); trusted
+    sessions keep command_timeout."""
     data_timeout: Duration = 600.0
     """Time allowed for the whole DATA phase of one message."""
     max_line_length: int = Field(4096, ge=1000)
@@ -172,6 +184,13 @@ class ListenerConfig(_Section):
     drain_timeout: Duration = 30.0
     """At the first SIGTERM, how long open transactions may take to finish (at most
     data_timeout) before the relay stops."""
+
+    @model_validator(mode="after")
+    def _reserve_below_total(self) -> ListenerConfig:
+        if self.reserved_connections is not None \
+                and self.reserved_connections >= self.max_connections:
+            raise ValueError("reserved_connections must be smaller than max_connections")
+        return self
 
 
 class QueueConfig(_Section):

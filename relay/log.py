@@ -26,6 +26,8 @@ EVENTS: dict[str, str] = {
     # intake
     "connect": "a client connected (client_ip)",
     "disconnect": "a client went away (client_ip)",
+    "connection_limit": "a connection limit was reached (limit: total, per_ip, untrusted); "
+                        "at most once a minute per limit",
     "auth": "SMTP AUTH attempt (client_ip, user, success) — never the password",
     "rejected": "a command was refused (client_ip, command, reply)",
     "received": "a message was committed to the queue (id, sender, recipients, size)",

@@ -48,6 +48,7 @@ class SessionView(Protocol):
     sid: str
     client_ip: str
     auth_user: str | None
+    trusted: bool  # from allowed_networks, or authenticated: may use the reserved slots
     session: Any  # aiosmtpd's Session: host_name, extended_smtp
 
     @property
@@ -58,6 +59,8 @@ class SessionView(Protocol):
     def shutdown_idle(self) -> None: ...
 
     def close_now(self, reason: str) -> None: ...
+
+    def under_stress(self) -> None: ...
 
 
 class MessageSink(Protocol):
@@ -82,11 +85,17 @@ class IntakeSettings:
     max_line_length: int = 4096
     max_hops: int = 50
     postmaster: str | None = None  # where RCPT TO:<postmaster> goes (ndr.postmaster)
+    reserved_connections: int = 40  # of max_connections, only for trusted sessions
+    line_timeout: float = 30.0  # to finish a command line once its first byte came
+    stress_timeout: float = 10.0  # command and line timeout of untrusted sessions under stress
 
     @classmethod
     def from_config(cls, lc: ListenerConfig, hostname: str, *,
                     postmaster: str | None = None) -> IntakeSettings:
+        reserved = lc.reserved_connections
         return cls(postmaster=postmaster,
+            reserved_connections=lc.max_connections // 5 if reserved is None else reserved,
+            line_timeout=lc.line_timeout, stress_timeout=lc.stress_command_timeout,
             hostname=hostname, allowed_networks=tuple(lc.allowed_networks),
             max_message_size=lc.max_message_size, max_recipients=lc.max_recipients,
             max_connections=lc.max_connections,
@@ -108,31 +117,83 @@ class Intake:
         self.users = users
         self.clock = clock
         self.sessions: set[SessionView] = set()
+        self._untrusted: set[SessionView] = set()
         self._per_ip: Counter[str] = Counter()
+        self._stress_at = -1e9  # monotonic time stress was last applied
+        self._limit_logged: dict[str, float] = {}
         self.draining = False
         self.empty = asyncio.Event()
         self.empty.set()
 
     # --- connections -------------------------------------------------------------------
 
+    @property
+    def untrusted_limit(self) -> int:
+        """Connections open to untrusted clients at most: the rest is kept in reserve."""
+        s = self.settings
+        return max(0, s.max_connections - s.reserved_connections)
+
+    @property
+    def stressed(self) -> bool:
+        """The untrusted clients' share is full (Postfix's "stress"): their timeouts
+        shrink to `stress_timeout`."""
+        return len(self._untrusted) >= self.untrusted_limit
+
     def admit(self, session: SessionView) -> str | None:
-        """None when the session may proceed, else the 421 reply that ends it."""
+        """None when the session may proceed, else the 421 reply that ends it.
+
+        `session.trusted` (its address is in allowed_networks) decides whether it may
+        take one of the reserved slots; untrusted sessions share the others, and when
+        their share is full the idle or dripping ones among them are cut sooner
+        (`under_stress`), so that slowloris clients cannot keep every slot."""
         host, ip = self.settings.hostname, session.client_ip
         if self.draining:
             return f"421 4.3.2 {host} Service shutting down, try again later"
         if len(self.sessions) >= self.settings.max_connections:
+            self._limit_reached("total", len(self.sessions))
             return f"421 4.7.0 {host} Error: too many connections, try again later"
         if self._per_ip[ip] >= self.settings.max_connections_per_ip:
+            self._limit_reached("per_ip", self._per_ip[ip], client_ip=ip)
             return f"421 4.7.0 {host} Error: too many connections from {ip}"
+        if not session.trusted and len(self._untrusted) >= self.untrusted_limit:
+            self._limit_reached("untrusted", len(self._untrusted))
+            self._apply_stress()
+            return f"421 4.7.0 {host} Error: too many connections, try again later"
         self.sessions.add(session)
+        if not session.trusted:
+            self._untrusted.add(session)
         self._per_ip[ip] += 1
         self.empty.clear()
         return None
+
+    def promote(self, session: SessionView) -> None:
+        """The session authenticated: it is trusted from now on (no longer counted in
+        the untrusted share, no stress timeouts)."""
+        session.trusted = True
+        self._untrusted.discard(session)
+
+    def _apply_stress(self) -> None:
+        now = time.monotonic()
+        if now - self._stress_at < 1.0:  # at most once a second
+            return
+        self._stress_at = now
+        for session in list(self._untrusted):
+            session.under_stress()
+
+    def _limit_reached(self, limit: str, count: int, **fields: Any) -> None:
+        """Log `connection_limit` at most once a minute per kind of limit."""
+        now = time.monotonic()
+        if now - self._limit_logged.get(limit, -1e9) < 60.0:
+            return
+        self._limit_logged[limit] = now
+        event("connection_limit", level="warning", limit=limit, connections=count,
+              untrusted=len(self._untrusted), total=len(self.sessions), **fields)
 
     def release(self, session: SessionView) -> None:
         if session not in self.sessions:
             return
         self.sessions.discard(session)
+        self._untrusted.discard(session)
         self._per_ip[session.client_ip] -= 1
         if self._per_ip[session.client_ip] <= 0:
             del self._per_ip[session.client_ip]
@@ -148,8 +209,10 @@ class Intake:
     # --- policy ------------------------------------------------------------------------
 
     def relay_allowed(self, client_ip: str, authenticated: bool) -> bool:
-        if authenticated:
-            return True
+        return authenticated or self.ip_allowed(client_ip)
+
+    def ip_allowed(self, client_ip: str) -> bool:
+        """The address is in listener.allowed_networks."""
         try:
             addr = ipaddress.ip_address(client_ip)
         except ValueError:

@@ -28,6 +28,7 @@ from relay.intake.address import NEED_SMTPUTF8, Path, Refusal, parse_path
 from relay.intake.core import Intake, Transaction
 from relay.intake.data import REPLIES as DATA_REPLIES
 from relay.intake.data import read_message
+from relay.intake.timers import SessionTimers
 from relay.intake.tlsauth import TlsAuthCommands
 from relay.log import event
 
@@ -47,7 +48,7 @@ def client_address(peer: Any) -> str:
     return str(mapped or addr)
 
 
-class IntakeSession(TlsAuthCommands, SMTP):
+class IntakeSession(SessionTimers, TlsAuthCommands, SMTP):
     """The protocol object of one client connection (see the module docstring)."""
 
     _txn: Transaction | None = None
@@ -96,6 +97,7 @@ class IntakeSession(TlsAuthCommands, SMTP):
         self.sid = secrets.token_hex(5)
         self.client_ip = ""
         self.auth_user: str | None = None
+        self.trusted = False  # allowed_networks or authenticated (Intake.admit, promote)
         self.messages = 0
         self.idle = False  # waiting for a command with no transaction open
         self.admitted = False
@@ -192,6 +194,7 @@ class IntakeSession(TlsAuthCommands, SMTP):
         self.client_ip = client_address(self.session.peer)
         port = self.session.peer[1] if isinstance(self.session.peer, tuple) else None
         event("connect", session=self.sid, client_ip=self.client_ip, client_port=port)
+        self.trusted = self.intake.ip_allowed(self.client_ip)
         refusal = self.intake.admit(self)
         if refusal is not None:
             self._abort(refusal, command="CONNECT", reason="limit")
@@ -200,7 +203,7 @@ class IntakeSession(TlsAuthCommands, SMTP):
         try:
             await self.push(f"220 {self.hostname} ESMTP dane-relay")
             while self.transport is not None and not self.transport.is_closing():
-                self._reset_timeout(self.intake.settings.command_timeout)
+                self.begin_command_wait()  # relay.intake.timers
                 self.idle = self._txn is None
                 if self.idle and self.intake.draining:
                     self.shutdown_idle()
@@ -209,6 +212,7 @@ class IntakeSession(TlsAuthCommands, SMTP):
                     line = await self._read_command()
                 finally:
                     self.idle = False
+                    self.end_command_wait()
                 if line is None:
                     return
                 await self._command(line)

@@ -69,7 +69,8 @@ class TlsAuthCommands:
         self._drop_plaintext()
         waiter = self.loop.create_future()
         self._tls_protocol = sslproto.SSLProtocol(
-            self.loop, self, self.tls_context, waiter, server_side=True)
+            self.loop, self, self.tls_context, waiter, server_side=True,
+            ssl_handshake_timeout=self.intake.settings.line_timeout)
         self._original_transport = self.transport
         assert self._original_transport is not None
         self._original_transport.set_protocol(self._tls_protocol)
@@ -144,6 +145,7 @@ class TlsAuthCommands:
         if ok:
             self.session.authenticated = True
             self.auth_user = user
+            self.intake.promote(self)  # may now use the reserved connection slots
             await self.push("235 2.7.0 Authentication successful")
             return
         self._auth_failures += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,105 @@ def test_starttls_garbage_and_close_frees_the_slot_at_once(tls_relay: RelayProc)
     disconnects = relay.events("disconnect", after=mark, client_ip=ip)
     assert len(connects) == 51 and len(disconnects) >= 50  # slot count back to 0
     assert not relay.events("internal_error", after=mark)
+
+
+# --- item 5: slowloris ---------------------------------------------------------------------
+
+
+class Drip:
+    """A slowloris connection: its greeting read, then a command line that never ends."""
+
+    def __init__(self, relay: RelayProc, source: str) -> None:
+        self.sock = socket.create_connection((relay.host, relay.port), timeout=10,
+                                             source_address=(source, 0))
+        self.greeting = _read_reply(self.sock)
+
+    def drip(self, data: bytes = b"E") -> None:
+        self.sock.sendall(data)
+
+    def closed_with(self, timeout: float) -> bytes | None:
+        """The relay's last words if it closes the connection within `timeout`."""
+        self.sock.settimeout(timeout)
+        got = b""
+        try:
+            while chunk := self.sock.recv(4096):
+                got += chunk
+        except TimeoutError:
+            return None
+        except OSError:
+            pass
+        return got
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_slowloris_cannot_take_the_reserved_slots(tmp_path: Path) -> None:
+    """Item 5: dripping clients from outside allowed_networks fill their share of the
+    connections; an allowed client still gets its 220 at once and delivers."""
+    with start_relay(tmp_path, listener={
+            "max_connections": 30, "max_connections_per_ip": 10, "reserved_connections": 5,
+            # long timeouts: this test is about the slots, not about cutting the drips
+            "line_timeout": "5m", "stress_command_timeout": "5m"}) as relay:
+        drips = [Drip(relay, f"127.0.{1 + i // 10}.1") for i in range(40)]
+        try:
+            greeted = [d for d in drips if d.greeting.startswith(b"220")]
+            refused = [d for d in drips if d.greeting.startswith(b"421 4.7.0")]
+            assert (len(greeted), len(refused)) == (25, 15)
+            for d in greeted:
+                d.drip(b"EHLO slow")
+            for _ in range(3):  # the reserve: an allowed client, several times over
+                began = time.monotonic()
+                with relay.smtp() as client:
+                    assert time.monotonic() - began < 5
+                    assert client.sendmail("a@example.org", ["b@example.com"],
+                                           b"Subject: legit\r\n\r\nhi\r\n") == {}
+            assert len(relay.events("received")) == 3
+            ev = relay.wait_event("connection_limit", limit="untrusted")
+            assert ev["level"] == "warning" and ev["untrusted"] == 25
+        finally:
+            for d in drips:
+                d.close()
+
+
+def test_a_partial_command_line_times_out_long_before_the_command_timeout(
+        tmp_path: Path) -> None:
+    with start_relay(tmp_path, listener={"line_timeout": "1s"}) as relay:
+        idle = Drip(relay, "127.0.0.2")  # says nothing: command_timeout (5 min) applies
+        drip = Drip(relay, "127.0.0.2")
+        began = time.monotonic()
+        for _ in range(3):
+            drip.drip(b"N")
+            time.sleep(0.3)
+        last_words = drip.closed_with(10)
+        assert last_words is not None and last_words.startswith(b"421 4.4.2"), last_words
+        assert time.monotonic() - began < 6
+        assert idle.closed_with(0.5) is None  # still open
+        # a complete line restarts the wait: a slow typist is fine line by line
+        idle.drip(b"NOOP\r\n")
+        assert _read_reply(idle.sock) == b"250 2.0.0 Ok\r\n"
+        idle.close()
+        drip.close()
+
+
+def test_under_stress_idle_untrusted_sessions_are_cut_sooner(tmp_path: Path) -> None:
+    with start_relay(tmp_path, listener={
+            "max_connections": 10, "max_connections_per_ip": 10, "reserved_connections": 2,
+            "stress_command_timeout": "1s"}) as relay:
+        trusted = Drip(relay, "127.0.0.1")  # an allowed client, idle
+        idle = [Drip(relay, "127.0.0.3") for _ in range(7)]  # the untrusted share but one
+        assert all(d.greeting.startswith(b"220") for d in idle)
+        time.sleep(1.5)  # not yet stressed: nobody is cut
+        assert all(d.closed_with(0.01) is None for d in idle)
+        idle.append(Drip(relay, "127.0.0.3"))  # the share is full: stress
+        assert idle[-1].greeting.startswith(b"220")
+        refused = Drip(relay, "127.0.0.4")
+        assert refused.greeting.startswith(b"421 4.7.0")
+        for d in idle:
+            last_words = d.closed_with(10)
+            assert last_words is not None and last_words.startswith(b"421 4.4.2")
+        assert trusted.closed_with(1.5) is None  # trusted sessions keep their timeout
+        newcomer = Drip(relay, "127.0.0.4")
+        assert newcomer.greeting.startswith(b"220")
+        for d in (trusted, refused, newcomer, *idle):
+            d.close()
