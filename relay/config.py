@@ -176,6 +176,17 @@ class ListenerConfig(_Section):
     sessions keep command_timeout."""
     data_timeout: Duration = 600.0
     """Time allowed for the whole DATA phase of one message."""
+    auth_failure_delay: Duration = 1.0
+    """A failed AUTH is answered (535) after this delay, doubled for each further
+    failure from the same client address within auth_failure_window (at most 16 times
+    the delay); the address's AUTH attempts are checked one at a time. 0 = no delay."""
+    auth_failure_limit: int = Field(10, ge=0)
+    """This many failed AUTH from one client address within auth_failure_window lock
+    the address out: its AUTH commands get 421 4.7.0 for auth_lockout (0 = never)."""
+    auth_failure_window: Duration = 600.0
+    """How long a failed AUTH counts against its client address."""
+    auth_lockout: Duration = 600.0
+    """How long a locked-out client address gets 421 4.7.0 to AUTH."""
     max_line_length: int = Field(4096, ge=1000)
     """Longest command or DATA line accepted, in octets."""
     max_hops: int = Field(50, ge=2)

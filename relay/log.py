@@ -28,7 +28,9 @@ EVENTS: dict[str, str] = {
     "disconnect": "a client went away (client_ip)",
     "connection_limit": "a connection limit was reached (limit: total, per_ip, untrusted); "
                         "at most once a minute per limit",
-    "auth": "SMTP AUTH attempt (client_ip, user, success) — never the password",
+    "auth": "SMTP AUTH attempt (client_ip, user, success, delay) — never the password",
+    "auth_lockout": "a client address is locked out of AUTH after too many failures "
+                    "(client_ip, failures, seconds)",
     "rejected": "a command was refused (client_ip, command, reply)",
     "received": "a message was committed to the queue (id, sender, recipients, size)",
     # delivery

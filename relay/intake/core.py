@@ -10,11 +10,12 @@ small `SessionView` protocol, so this module does not import them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,6 +23,7 @@ from relay.config import ListenerConfig
 from relay.errors import RelayError, StorageFull, StoreError
 from relay.intake.auth import UserDb
 from relay.intake.received import protocol, received_header, sanitize_token
+from relay.intake.throttle import AuthThrottle, Verdict
 from relay.log import event
 from relay.model import Envelope
 
@@ -88,6 +90,10 @@ class IntakeSettings:
     reserved_connections: int = 40  # of max_connections, only for trusted sessions
     line_timeout: float = 30.0  # to finish a command line once its first byte came
     stress_timeout: float = 10.0  # command and line timeout of untrusted sessions under stress
+    auth_failure_delay: float = 1.0  # see relay.intake.throttle
+    auth_failure_limit: int = 10
+    auth_failure_window: float = 600.0
+    auth_lockout: float = 600.0
 
     @classmethod
     def from_config(cls, lc: ListenerConfig, hostname: str, *,
@@ -96,6 +102,8 @@ class IntakeSettings:
         return cls(postmaster=postmaster,
             reserved_connections=lc.max_connections // 5 if reserved is None else reserved,
             line_timeout=lc.line_timeout, stress_timeout=lc.stress_command_timeout,
+            auth_failure_delay=lc.auth_failure_delay, auth_failure_limit=lc.auth_failure_limit,
+            auth_failure_window=lc.auth_failure_window, auth_lockout=lc.auth_lockout,
             hostname=hostname, allowed_networks=tuple(lc.allowed_networks),
             max_message_size=lc.max_message_size, max_recipients=lc.max_recipients,
             max_connections=lc.max_connections,
@@ -121,6 +129,11 @@ class Intake:
         self._per_ip: Counter[str] = Counter()
         self._stress_at = -1e9  # monotonic time stress was last applied
         self._limit_logged: dict[str, float] = {}
+        s = settings
+        self.auth_throttle = AuthThrottle(delay=s.auth_failure_delay,
+                                          limit=s.auth_failure_limit,
+                                          window=s.auth_failure_window, lockout=s.auth_lockout)
+        self._auth_turns: dict[str, tuple[asyncio.Lock, int]] = {}
         self.draining = False
         self.empty = asyncio.Event()
         self.empty.set()
@@ -155,6 +168,11 @@ class Intake:
         if self._per_ip[ip] >= self.settings.max_connections_per_ip:
             self._limit_reached("per_ip", self._per_ip[ip], client_ip=ip)
             return f"421 4.7.0 {host} Error: too many connections from {ip}"
+        if not session.trusted and self.auth_locked(ip) is not None:
+            # An address locked out of AUTH has nothing else to do here (it may not
+            # relay): turned away before its TLS handshake costs anything.
+            return (f"421 4.7.0 {host} Error: too many failed authentications from {ip}, "
+                    "try again later")
         if not session.trusted and len(self._untrusted) >= self.untrusted_limit:
             self._limit_reached("untrusted", len(self._untrusted))
             self._apply_stress()
@@ -227,6 +245,35 @@ class Intake:
         if self.users is None:
             return False
         return await asyncio.to_thread(self.users.verify, user, password)
+
+    def auth_locked(self, client_ip: str) -> float | None:
+        """Seconds left of the address's AUTH lockout, or None."""
+        return self.auth_throttle.locked(client_ip, time.monotonic())
+
+    def auth_failed(self, session: SessionView, user: str) -> Verdict:
+        """Count a failed AUTH against the session's address; log the lockout it starts."""
+        verdict = self.auth_throttle.failed(session.client_ip, time.monotonic())
+        if verdict.locked_for is not None:
+            event("auth_lockout", level="warning", session=session.sid,
+                  client_ip=session.client_ip, user=user[:64], failures=verdict.failures,
+                  seconds=verdict.locked_for)
+        return verdict
+
+    @contextlib.asynccontextmanager
+    async def auth_turn(self, client_ip: str) -> AsyncIterator[None]:
+        """One AUTH check at a time per client address (its sessions queue here), so
+        the failure delay paces the address, not each of its connections."""
+        lock, users = self._auth_turns.get(client_ip) or (asyncio.Lock(), 0)
+        self._auth_turns[client_ip] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._auth_turns[client_ip]
+            if users <= 1:
+                del self._auth_turns[client_ip]
+            else:
+                self._auth_turns[client_ip] = (lock, users - 1)
 
     # --- storage -----------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ class IntakeSession(SessionTimers, TlsAuthCommands, SMTP):
 
     _txn: Transaction | None = None
     _lost = False
+    _announced = False  # the connect event was written
 
     def __init__(self, intake: Intake, loop: asyncio.AbstractEventLoop) -> None:
         # Not SMTP.__init__: it runs inspect.getmembers() over the handler and the
@@ -115,9 +116,10 @@ class IntakeSession(SessionTimers, TlsAuthCommands, SMTP):
             return
         self._lost = True
         self.intake.release(self)
-        event("disconnect", session=self.sid, client_ip=self.client_ip,
-              reason=self._close_reason, messages=self.messages,
-              seconds=round(time.monotonic() - self._started, 3))
+        if self._announced:  # every connect has its disconnect, and only those
+            event("disconnect", session=self.sid, client_ip=self.client_ip,
+                  reason=self._close_reason, messages=self.messages,
+                  seconds=round(time.monotonic() - self._started, 3))
         super().connection_lost(error)
 
     def _set_rset_state(self) -> None:
@@ -194,6 +196,7 @@ class IntakeSession(SessionTimers, TlsAuthCommands, SMTP):
         self.client_ip = client_address(self.session.peer)
         port = self.session.peer[1] if isinstance(self.session.peer, tuple) else None
         event("connect", session=self.sid, client_ip=self.client_ip, client_port=port)
+        self._announced = True
         self.trusted = self.intake.ip_allowed(self.client_ip)
         refusal = self.intake.admit(self)
         if refusal is not None:

@@ -134,14 +134,22 @@ class TlsAuthCommands:
         if mech not in ("PLAIN", "LOGIN"):
             await self.reply("504 5.5.4 Unrecognized authentication type", command="AUTH")
             return
+        if self._locked_out():
+            return
         creds = await self._credentials(mech, initial)
         if creds is None:
             self._errors += 1
             return
         user, password = creds
-        ok = await self.intake.authenticate(user, password)
-        event("auth", session=self.sid, client_ip=self.client_ip, user=user[:64],
-              mechanism=mech, success=ok)
+        async with self.intake.auth_turn(self.client_ip):  # one check at a time per IP
+            if self._locked_out():  # another session of this address locked it meanwhile
+                return
+            ok = await self.intake.authenticate(user, password)
+            verdict = None if ok else self.intake.auth_failed(self, user)
+            event("auth", session=self.sid, client_ip=self.client_ip, user=user[:64],
+                  mechanism=mech, success=ok, delay=verdict.delay if verdict else None)
+            if verdict is not None and verdict.delay > 0:
+                await asyncio.sleep(verdict.delay)  # answered late; the address waits too
         if ok:
             self.session.authenticated = True
             self.auth_user = user
@@ -150,9 +158,20 @@ class TlsAuthCommands:
             return
         self._auth_failures += 1
         await self.reply("535 5.7.8 Authentication credentials invalid", command="AUTH")
-        if self._auth_failures >= MAX_AUTH_FAILURES:
+        if verdict is not None and verdict.locked_for is not None:
+            self._locked_out()
+        elif self._auth_failures >= MAX_AUTH_FAILURES:
             self._abort(f"421 4.7.0 {self.hostname} Error: too many failed authentications",
                         command="AUTH", reason="auth_failures")
+
+    def _locked_out(self) -> bool:
+        """The client's address is locked out (too many failed AUTH): 421 and close."""
+        if self.intake.auth_locked(self.client_ip) is None:
+            return False
+        self._abort(f"421 4.7.0 {self.hostname} Error: too many failed authentications "
+                    f"from {self.client_ip}, try again later", command="AUTH",
+                    reason="auth_lockout")
+        return True
 
     async def _b64(self, initial: str | None, challenge: str) -> bytes | None:
         if initial is None:

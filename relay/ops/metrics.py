@@ -52,6 +52,15 @@ class Metrics:
         self.sts_failures = Counter("relay_sts_failures",
                                     "Sessions refused by an MTA-STS enforce policy, by code",
                                     ["code"], registry=r)
+        self.auth = Counter("relay_auth_attempts", "SMTP AUTH attempts checked, by result",
+                            ["result"], registry=r)
+        self.auth_lockouts = Counter("relay_auth_lockouts",
+                                     "Client addresses locked out of AUTH", registry=r)
+        self.auth_refused = Counter(
+            "relay_auth_refused", "AUTH commands refused with 421 (address locked out, or "
+            "too many failures in one session)", registry=r)
+        self.connections = Gauge("relay_smtp_connections",
+                                 "SMTP client connections open now", registry=r)
         self.queue = Gauge("relay_queue_recipients", "Recipients in the queue by status",
                            ["status"], registry=r)
         self.oldest = Gauge("relay_queue_oldest_age_seconds",
@@ -64,7 +73,18 @@ class Metrics:
         if name == "received":
             self.received.inc()
         elif name == "rejected":
-            self.rejected.labels(code=str(fields.get("reply", ""))[:3]).inc()
+            reply = str(fields.get("reply", ""))
+            self.rejected.labels(code=reply[:3]).inc()
+            if fields.get("command") == "AUTH" and reply.startswith("421"):
+                self.auth_refused.inc()
+        elif name == "auth":
+            self.auth.labels(result="success" if fields.get("success") else "failure").inc()
+        elif name == "auth_lockout":
+            self.auth_lockouts.inc()
+        elif name == "connect":
+            self.connections.inc()
+        elif name == "disconnect":
+            self.connections.dec()
         elif name == "delivered":
             self.delivered.inc()
         elif name == "deferred":

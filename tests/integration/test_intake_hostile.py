@@ -3,14 +3,22 @@ never the others. Real sockets and smtplib on loopback; waits are event-driven."
 
 from __future__ import annotations
 
+import base64
+import smtplib
 import socket
+import ssl
+import subprocess
+import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import certs
+from tests.support.dnsprocs import free_port
 from tests.support.relayproc import Dialog, RelayProc, start_relay
 
 
@@ -164,3 +172,104 @@ def test_under_stress_idle_untrusted_sessions_are_cut_sooner(tmp_path: Path) -> 
         assert newcomer.greeting.startswith(b"220")
         for d in (trusted, refused, newcomer, *idle):
             d.close()
+
+
+# --- item 6: AUTH brute force --------------------------------------------------------------
+
+
+def _ctx() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _plain(user: str, password: str) -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def _tls_client(relay: RelayProc, source: str) -> smtplib.SMTP:
+    c = relay.smtp(source=source, timeout=30)
+    c.starttls(context=_ctx())
+    c.ehlo()
+    return c
+
+
+def _metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_auth_brute_force_is_throttled_per_address(tmp_path: Path) -> None:
+    """Item 6: failed AUTH from one address, over several sessions at once, is answered
+    ever later, then the address is locked out (421 4.7.0) for a while; a user at
+    another address logs in without delay meanwhile; log and metrics count it."""
+    cert, key = certs.write_pair(certs.make_leaf(["relay.test"]), directory=tmp_path)
+    line = subprocess.run([sys.executable, "-m", "relay", "passwd", "alice"],
+                          input="right\n", capture_output=True, text=True, check=True).stdout
+    (tmp_path / "users").write_text(line)
+    mport = free_port("127.0.0.1")
+    with start_relay(tmp_path, listener={
+            "tls_cert": str(cert), "tls_key": str(key), "users_file": str(tmp_path / "users"),
+            "auth_failure_delay": "0.25s", "auth_failure_limit": 4,
+            "auth_lockout": "3s"}, metrics={"listen": f"127.0.0.1:{mport}"}) as relay:
+        attacker, user = "127.0.0.6", "127.0.0.7"
+        wrong = _plain("alice", "guess")
+        a = _tls_client(relay, attacker)
+        times = []
+        for _ in range(2):
+            began = time.monotonic()
+            assert a.docmd("AUTH", f"PLAIN {wrong}")[0] == 535
+            times.append(time.monotonic() - began)
+        assert times[0] >= 0.25 and times[1] >= 0.5  # a growing delay
+        # a second session from the same address at the same time waits its turn
+        b = _tls_client(relay, attacker)
+        results: dict[str, float] = {}
+
+        def third() -> None:
+            t0 = time.monotonic()
+            results["code"] = b.docmd("AUTH", f"PLAIN {wrong}")[0]
+            results["took"] = time.monotonic() - t0
+
+        thread = threading.Thread(target=third)
+        thread.start()
+        began = time.monotonic()
+        assert a.docmd("AUTH", f"PLAIN {wrong}")[0] == 535
+        thread.join(30)
+        assert results["code"] == 535
+        # the 3rd and 4th failures: 1 s + 2 s, one after the other, not side by side
+        assert max(results["took"], time.monotonic() - began) >= 2.9
+        # the 4th failure (whichever session it came from) locked the address: that
+        # session is told 421 and closed, the other one at its next AUTH
+        lock = relay.wait_event("auth_lockout", client_ip=attacker)
+        assert lock["level"] == "warning" and lock["failures"] == 4
+        locked, other = (a, b) if lock["session"] == relay.session_for(a) else (b, a)
+        assert lock["session"] == relay.session_for(locked)
+        assert locked.getreply()[0] == 421
+        assert other.docmd("AUTH", f"PLAIN {wrong}")[0] == 421
+        # locked out (and not an allowed network): turned away at connect, unchecked
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            relay.smtp(source=attacker)
+        code, text = refused.value.smtp_code, refused.value.smtp_error
+        assert code == 421 and text.startswith(b"4.7.0") and b"too many failed" in text
+        # ...but not another address
+        began = time.monotonic()
+        with _tls_client(relay, user) as ok:
+            assert ok.login("alice", "right")[0] == 235
+            assert time.monotonic() - began < 2
+        relay.wait_event("auth", client_ip=user, success=True)
+        failures = relay.events("auth", client_ip=attacker, success=False)
+        assert [e["delay"] for e in failures] == [0.25, 0.5, 1.0, 2.0]
+        assert _metric(mport, 'relay_auth_attempts_total{result="failure"}') == 4
+        assert _metric(mport, 'relay_auth_attempts_total{result="success"}') == 1
+        assert _metric(mport, "relay_auth_lockouts_total") == 1
+        assert _metric(mport, "relay_auth_refused_total") >= 2
+        # the lockout ends
+        time.sleep(3.2)
+        with _tls_client(relay, attacker) as again:
+            assert again.login("alice", "right")[0] == 235
+        for client in (a, b):
+            client.close()

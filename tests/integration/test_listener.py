@@ -417,8 +417,12 @@ def tls_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProc]:
         lines.append(out)
     users = work / "users"
     users.write_text("# test users\n" + "".join(lines))
+    # AUTH failures from one address are throttled across sessions (a growing delay,
+    # then a lockout: test_intake_hostile); here short delays and no lockout, since
+    # the tests below share their client addresses
     with start_relay(work, listener={"tls_cert": str(cert), "tls_key": str(key),
-                                     "users_file": str(users)}) as r:
+                                     "users_file": str(users), "auth_failure_delay": "10ms",
+                                     "auth_failure_limit": 0}) as r:
         r.ca = leaf  # type: ignore[attr-defined]
         yield r
 

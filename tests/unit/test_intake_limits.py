@@ -80,3 +80,12 @@ def test_a_limit_is_logged_once_a_minute(intake: Intake, monkeypatch: pytest.Mon
         intake.admit(FakeSession("198.51.100.1"))
     limits = [f for name, f in seen if name == "connection_limit"]
     assert limits == [{"limit": "untrusted", "connections": 7, "untrusted": 7, "total": 7}]
+
+
+def test_an_address_locked_out_of_auth_is_turned_away_unless_trusted(intake: Intake) -> None:
+    for _ in range(intake.settings.auth_failure_limit):
+        intake.auth_failed(FakeSession("192.0.2.66"), "mallory")  # type: ignore[arg-type]
+    refusal = intake.admit(FakeSession("192.0.2.66"))
+    assert refusal is not None and "too many failed authentications" in refusal
+    assert intake.admit(FakeSession("192.0.2.66", trusted=True)) is None  # may send mail
+    assert intake.admit(FakeSession("192.0.2.67")) is None

@@ -41,7 +41,7 @@ PURE = [
     "relay.delivery.classify", "relay.delivery.retry", "relay.delivery.dsn",
     "relay.delivery.dsntext",
     "relay.delivery.verdict", "relay.delivery.trace", "relay.tlsrpt.report", "relay.intake.address",
-    "relay.intake.received", "relay.delivery.requiretls",
+    "relay.intake.received", "relay.intake.throttle", "relay.delivery.requiretls",
     "relay.sts.record", "relay.sts.webpki", "relay.sts.decide", "relay.check.stsview",
 ]
 IO_MODULES = {"asyncio", "socket", "ssl", "aiosqlite", "sqlite3", "selectors", "subprocess",
