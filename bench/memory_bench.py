@@ -7,8 +7,9 @@ For each N: a fresh `relay serve` (delivery off, `listener.max_message_size` = `
 default 10,240,000 bytes as shipped; `--budget` sets `listener.data_memory_limit` where
 that key exists) and N smtplib clients on loopback that each send one message of
 almost exactly the maximum size (76-character lines). The clients open their sessions,
-send EHLO, MAIL FROM (with SIZE=), RCPT TO and DATA, wait for each other, then all send
-their message bodies at the same moment, so that N messages are in flight together.
+send EHLO, MAIL FROM (with SIZE=) and RCPT TO, wait for each other, then all send DATA
+at the same moment and their message body as soon as they get 354, so that up to N
+messages are in flight together (fewer where the relay makes DATA wait for memory).
 
 Printed per N: the relay's peak resident set (VmHWM, from /proc), its resident set once
 the clients are done (VmRSS: what it keeps), the baseline before the load, and how the
@@ -50,8 +51,8 @@ def client(host: str, port: int, data: bytes, barrier: threading.Barrier,
             c.ehlo()
             c.mail("bench@org.example", [f"SIZE={len(data)}"])
             c.rcpt("to@dest.example")
+            barrier.wait(120)  # every session is ready: all send DATA now
             code, _ = c.docmd("DATA")
-            barrier.wait(120)
             if code != 354:
                 results.append(str(code))
                 return

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from relay.config import ListenerConfig
 from relay.errors import RelayError, StorageFull, StoreError
 from relay.intake.auth import UserDb
+from relay.intake.budget import MemoryBudget
 from relay.intake.received import protocol, received_header, sanitize_token
 from relay.intake.throttle import AuthThrottle, Verdict
 from relay.log import event
@@ -42,6 +43,7 @@ class Transaction:
     body_8bit: bool = False
     recipients: list[str] = field(default_factory=list)
     requiretls: bool = False  # RFC 8689: authenticated TLS on every onward hop
+    size: int | None = None  # declared with MAIL FROM ... SIZE=
 
 
 class SessionView(Protocol):
@@ -94,6 +96,7 @@ class IntakeSettings:
     auth_failure_limit: int = 10
     auth_failure_window: float = 600.0
     auth_lockout: float = 600.0
+    data_memory_limit: int = 128 * 2**20  # octets of all messages in flight (budget)
 
     @classmethod
     def from_config(cls, lc: ListenerConfig, hostname: str, *,
@@ -104,6 +107,7 @@ class IntakeSettings:
             line_timeout=lc.line_timeout, stress_timeout=lc.stress_command_timeout,
             auth_failure_delay=lc.auth_failure_delay, auth_failure_limit=lc.auth_failure_limit,
             auth_failure_window=lc.auth_failure_window, auth_lockout=lc.auth_lockout,
+            data_memory_limit=lc.effective_data_memory_limit,
             hostname=hostname, allowed_networks=tuple(lc.allowed_networks),
             max_message_size=lc.max_message_size, max_recipients=lc.max_recipients,
             max_connections=lc.max_connections,
@@ -134,6 +138,7 @@ class Intake:
                                           limit=s.auth_failure_limit,
                                           window=s.auth_failure_window, lockout=s.auth_lockout)
         self._auth_turns: dict[str, tuple[asyncio.Lock, int]] = {}
+        self.budget = MemoryBudget(s.data_memory_limit)  # messages in flight
         self.draining = False
         self.empty = asyncio.Event()
         self.empty.set()
@@ -278,11 +283,14 @@ class Intake:
     # --- storage -----------------------------------------------------------------------
 
     async def accept(self, session: SessionView, txn: Transaction,
-                     body: bytes) -> tuple[str, dict[str, Any]]:
-        """Prepend Received:, enqueue, and return the reply for the final dot."""
+                     parts: list[bytes]) -> tuple[str, dict[str, Any]]:
+        """Prepend Received:, enqueue, and return the reply for the final dot.
+
+        `parts` (relay.intake.data) are joined once, behind the Received: header, and
+        the list is emptied, so that the message is held once while it is committed."""
         assert session.session is not None
         now = self.clock()
-        hops = count_received(body)
+        hops = count_received(_head(parts))
         if hops >= self.settings.max_hops:  # RFC 5321 §6.3, Postfix's hopcount_limit
             return (f"554 5.4.6 Too many hops ({hops} Received: headers): mail loop?",
                     {"sender": txn.sender, "hops": hops})
@@ -296,8 +304,10 @@ class Intake:
             now=dt.datetime.fromtimestamp(now).astimezone(),
             recipients=tuple(txn.recipients), tls_version=tls_version, tls_cipher=cipher,
         )
+        body = b"".join([header, *parts])
+        parts.clear()
         envelope = Envelope(
-            sender=txn.sender, recipients=tuple(txn.recipients), body=header + body,
+            sender=txn.sender, recipients=tuple(txn.recipients), body=body,
             smtputf8=txn.smtputf8, body_8bit=txn.body_8bit or not body.isascii(),
             client_ip=session.client_ip,
             client_helo=sanitize_token(session.session.host_name, limit=255),
@@ -319,6 +329,16 @@ class Intake:
               protocol=proto, auth_user=session.auth_user,
               requiretls=True if txn.requiretls else None)
         return f"250 2.0.0 Ok: queued as {qid}", fields
+
+
+def _head(parts: list[bytes], most: int = 2**20) -> bytes:
+    """The start of the message up to its header section's end (or `most` octets)."""
+    head = b""
+    for part in parts:
+        head += part
+        if b"\r\n\r\n" in head or len(head) >= most:
+            break
+    return head
 
 
 def count_received(body: bytes) -> int:

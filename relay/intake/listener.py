@@ -14,6 +14,7 @@ from pathlib import Path
 from relay.config import ListenerConfig
 from relay.errors import ConfigError, RelayError
 from relay.intake.auth import UserDb
+from relay.intake.budget import return_freed_memory
 from relay.intake.core import Intake
 from relay.intake.session import IntakeSession
 from relay.log import event
@@ -64,6 +65,7 @@ class Listener:
         return [s.getsockname()[:2] for s in self._server.sockets]
 
     async def start(self) -> None:
+        return_freed_memory()  # message buffers go back to the system (relay.intake.budget)
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(

@@ -25,9 +25,10 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 
 from relay.intake.address import NEED_SMTPUTF8, Path, Refusal, parse_path
+from relay.intake.budget import Grant
 from relay.intake.core import Intake, Transaction
+from relay.intake.data import MEMORY, PIECE, read_message
 from relay.intake.data import REPLIES as DATA_REPLIES
-from relay.intake.data import read_message
 from relay.intake.timers import SessionTimers
 from relay.intake.tlsauth import TlsAuthCommands
 from relay.log import event
@@ -397,7 +398,8 @@ class IntakeSession(SessionTimers, TlsAuthCommands, SMTP):
             await self.reply(NEED_SMTPUTF8.reply, command="MAIL")
             return
         self._txn = Transaction(path.address, smtputf8=smtputf8, body_8bit=body == "8BITMIME",
-                                requiretls=requiretls)
+                                requiretls=requiretls,
+                                size=int(size) if size is not None else None)
         await self.push("250 2.1.0 Ok")
 
     async def cmd_RCPT(self, arg: str) -> None:
@@ -463,21 +465,35 @@ class IntakeSession(SessionTimers, TlsAuthCommands, SMTP):
         if arg:
             await self.reply("501 5.5.4 Syntax: DATA", command="DATA")
             return
+        s = self.intake.settings
+        # Memory for the message (relay.intake.budget): its declared SIZE, or one piece.
+        grant = await self.intake.budget.grant(min(txn.size or PIECE, s.max_message_size))
+        if grant is None:
+            self._txn = None
+            await self.reply(DATA_REPLIES[MEMORY], command="DATA", sender=txn.sender)
+            return
+        try:
+            await self._receive(txn, grant)
+        finally:
+            grant.release()
+
+    async def _receive(self, txn: Transaction, grant: Grant) -> None:
+        s = self.intake.settings
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        self._reset_timeout(self.intake.settings.data_timeout)
+        self._reset_timeout(s.data_timeout)
         self.in_data = True
         try:
-            problem, body = await read_message(
-                self._reader, max_size=self.intake.settings.max_message_size,
-                max_line=self.intake.settings.max_line_length)
+            problem, parts = await read_message(
+                self._reader, max_size=s.max_message_size, max_line=s.max_line_length,
+                grant=grant)
         finally:
             self.in_data = False
         self._txn = None
         if problem is not None:
             await self.reply(DATA_REPLIES[problem], command="DATA", sender=txn.sender)
             return
-        self._reset_timeout(self.intake.settings.command_timeout)
-        status, fields = await self.intake.accept(self, txn, body)
+        self._reset_timeout(s.command_timeout)
+        status, fields = await self.intake.accept(self, txn, parts)
         if status.startswith("250"):
             self.messages += 1
             await self.push(status)

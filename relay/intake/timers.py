@@ -61,19 +61,26 @@ class SessionTimers:
         s = self.intake.settings
         return min(s.line_timeout, s.stress_timeout) if self._stressed() else s.line_timeout
 
+    def _command_wait(self) -> float:
+        s = self.intake.settings
+        return min(s.command_timeout, s.stress_timeout) if self._stressed() \
+            else s.command_timeout
+
     def begin_command_wait(self) -> None:
         """Before reading a command line: the idle deadline, or the partial-line one when
         the start of the next line is already buffered (pipelining, or a drip)."""
-        s = self.intake.settings
-        wait = min(s.command_timeout, s.stress_timeout) if self._stressed() \
-            else s.command_timeout
+        wait = self._command_wait()
         buffer = getattr(self._reader, "_buffer", None)
         self._line_started = bool(buffer)
         self._awaiting = True
         self._reset_timeout(min(wait, self._line_limit()) if self._line_started else wait)
 
     def end_command_wait(self) -> None:
+        """The line is in: the command itself has the command timeout again (not what
+        was left of the line's deadline)."""
         self._awaiting = False
+        if self._line_started:
+            self._reset_timeout(self._command_wait())
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)  # type: ignore[misc]

@@ -273,3 +273,53 @@ def test_auth_brute_force_is_throttled_per_address(tmp_path: Path) -> None:
             assert again.login("alice", "right")[0] == 235
         for client in (a, b):
             client.close()
+
+
+# --- item 7: memory for messages in flight -------------------------------------------------
+
+
+def _body(size: int) -> bytes:
+    line = b"z" * 98 + b"\r\n"
+    return b"Subject: big\r\n\r\n" + line * (size // len(line))
+
+
+def test_messages_in_flight_share_a_memory_budget(tmp_path: Path) -> None:
+    """Item 7: past `data_memory_limit`, DATA waits for room (and gets its 354 when
+    another message is committed), and a message that outgrows the budget is read to
+    its end and refused with 451 4.3.1, never buffered."""
+    with start_relay(tmp_path, listener={"max_message_size": 200_000,
+                                         "data_memory_limit": 300_000}) as relay:
+        first = Dialog(relay.host, relay.port)
+        first.cmd("EHLO a.test")
+        assert first.cmd("MAIL FROM:<a@example.org> SIZE=200000")[0] == 250
+        first.cmd("RCPT TO:<b@example.com>")
+        assert first.cmd("DATA")[0] == 354  # holds 200,000 of the 300,000 octets
+        body = _body(190_000)
+        first.send(body[:100_000])
+        second = Dialog(relay.host, relay.port)
+        second.cmd("EHLO b.test")
+        assert second.cmd("MAIL FROM:<a@example.org> SIZE=150000")[0] == 250
+        second.cmd("RCPT TO:<c@example.com>")
+        second.send(b"DATA\r\n")
+        second.sock.settimeout(1.0)
+        with pytest.raises(TimeoutError):  # no room for 150,000 more: DATA waits
+            second.reply()
+        second.sock.settimeout(10)
+        first.send(body[100_000:] + b".\r\n")
+        assert first.reply()[0] == 250  # committed: its 200,000 octets are free again
+        assert second.reply()[0] == 354  # ...and the waiting DATA goes on
+        # a third message, declared small, grows past what is left: refused at its end
+        with Dialog(relay.host, relay.port) as third:
+            third.cmd("EHLO c.test")
+            assert third.cmd("MAIL FROM:<a@example.org>")[0] == 250  # no SIZE=
+            third.cmd("RCPT TO:<d@example.com>")
+            assert third.cmd("DATA")[0] == 354
+            code, text = third.cmd(_body(180_000) + b".")
+            assert code == 451 and text[0].startswith("4.3.1"), text
+            assert third.cmd("NOOP")[0] == 250  # the session goes on
+        code, _ = second.cmd(_body(140_000) + b".")
+        assert code == 250
+        first.close()
+        second.close()
+        assert len(relay.events("received")) == 2
+        assert not relay.events("internal_error")

@@ -13,16 +13,19 @@ from relay.intake.data import BARE, TOO_BIG, TOO_LONG, read_message
 
 
 async def read(raw: bytes, *, max_size: int = 10_000, max_line: int = 1000,
-               fast: bool = True) -> tuple[str | None, bytes, bytes]:
+               fast: bool = True, piece: int = data.PIECE, grant: data.Grant | None = None
+               ) -> tuple[str | None, bytes, bytes]:
     """(problem, body, what is left in the stream after the end of data)."""
     reader = asyncio.StreamReader(limit=max_line)
     reader.feed_data(raw)
     reader.feed_eof()
     if not fast:
-        problem, body = await data._line_by_line(reader, max_size, [], 0, None)
+        body = data._Body(max_size, max_line, grant or data._Unlimited())
+        problem, parts = await data._line_by_line(reader, body)
     else:
-        problem, body = await read_message(reader, max_size=max_size, max_line=max_line)
-    return problem, body, await reader.read()
+        problem, parts = await read_message(reader, max_size=max_size, max_line=max_line,
+                                            piece=piece, grant=grant)
+    return problem, b"".join(parts), await reader.read()
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -53,14 +56,53 @@ async def test_limits() -> None:
 
 
 async def test_fast_and_slow_paths_agree_on_random_input() -> None:
+    """Whole-buffer reference (the old fast path, kept here as the oracle), the piece
+    reader with every piece size from 5 octets up (CRLF and CRLF.CRLF split across
+    pieces), and the line-by-line path all agree."""
     rng = random.Random(7)
     alphabet = [b"a", b".", b"\r\n", b"\r", b"\n", b"\x00", b"\r\n.", b"x" * 30]
-    for _ in range(3000):
+    for i in range(3000):
         raw = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         raw += b"\r\n.\r\nTAIL"
+        expected = oracle(raw, max_size=200, max_line=60)
         fast = await read(raw, max_size=200, max_line=60)
+        tiny = await read(raw, max_size=200, max_line=60, piece=5 + i % 40)
         slow = await read(raw, max_size=200, max_line=60, fast=False)
-        assert fast == slow, raw
+        assert fast == tiny == slow == expected, raw
+
+
+def oracle(raw: bytes, *, max_size: int, max_line: int) -> tuple[str | None, bytes, bytes]:
+    """The message read all at once, the obvious way (what the readers must agree with)."""
+    data_, _, rest = (b"\r\n" + raw).partition(b"\r\n.\r\n")
+    data_ = data_[2:] + b"\r\n" if data_ != b"" else b""
+    body = (b"\r\n" + data_).replace(b"\r\n.", b"\r\n")[2:]
+    problems = []
+    if data.bare_characters(data_):
+        problems.append(BARE)
+    if data_ and max(map(len, data_.split(b"\r\n"))) > max_line:
+        problems.append(TOO_LONG)
+    if len(body) > max_size:
+        problems.append(TOO_BIG)
+    return (problems[0], b"", rest) if problems else (None, body, rest)
+
+
+async def test_memory_grant_refuses_what_the_budget_cannot_hold() -> None:
+    from relay.intake.budget import MemoryBudget
+
+    budget = MemoryBudget(1000)
+    grant = await budget.grant(100)
+    assert grant is not None and budget.used == 100
+    line = b"y" * 98 + b"\r\n"
+    got = await read(line * 20 + b".\r\nNEXT\r\n", grant=grant, piece=64)  # 2000 octets
+    assert got == (data.MEMORY, b"", b"NEXT\r\n")  # read to its end, nothing kept
+    grant.release()
+    assert budget.used == 0
+    grant = await budget.grant(100)
+    assert grant is not None
+    got = await read(line * 5 + b".\r\n", grant=grant, piece=64)
+    assert got == (None, line * 5, b"") and budget.used == 500
+    grant.release()
+    assert budget.used == 0
 
 
 async def test_session_sets_every_attribute_aiosmtpd_sets() -> None:
