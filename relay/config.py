@@ -155,10 +155,11 @@ class ListenerConfig(_Section):
     max_message_size: Size = 10_240_000
     """Largest message accepted, in bytes or e.g. "10MB" (Postfix's message_size_limit)."""
     data_memory_limit: Size | None = None
-    """Octets of all messages in flight together (received, not yet committed); past
-    it, DATA waits for room (up to 30 s) or gets 451 4.3.1, and a message that outgrows
-    it is refused with 451 4.3.1 (default: 128 MiB, or twice max_message_size if that
-    is larger). The process needs about twice this at most (see docs/mail-flow.md)."""
+    """Memory for all messages in flight together (received, not yet committed), each
+    counted twice its size (the message and the store's copy while it is committed);
+    past it, DATA waits for room (up to 30 s) or gets 451 4.3.1, and a message that
+    outgrows it is refused with 451 4.3.1 (default: 128 MiB, or four times
+    max_message_size if that is larger; at least twice max_message_size)."""
     max_recipients: int = Field(1000, ge=1)
     """Recipients per message; more get 452 4.5.3 (Postfix's smtpd_recipient_limit)."""
     max_connections: int = Field(200, ge=1)
@@ -207,15 +208,16 @@ class ListenerConfig(_Section):
                 and self.reserved_connections >= self.max_connections:
             raise ValueError("reserved_connections must be smaller than max_connections")
         if self.data_memory_limit is not None \
-                and self.data_memory_limit < self.max_message_size:
-            raise ValueError("data_memory_limit must be at least max_message_size")
+                and self.data_memory_limit < 2 * self.max_message_size:
+            raise ValueError("data_memory_limit must be at least twice max_message_size "
+                             "(a message is counted twice its size)")
         return self
 
     @property
     def effective_data_memory_limit(self) -> int:
         if self.data_memory_limit is not None:
             return self.data_memory_limit
-        return max(128 * 2**20, 2 * self.max_message_size)
+        return max(128 * 2**20, 4 * self.max_message_size)
 
 
 class QueueConfig(_Section):

@@ -3,8 +3,8 @@
 A message's octets are held in memory from the moment they arrive until its COMMIT has
 returned (then the session lets go of them). Without a bound, N concurrent maximum-size
 messages cost N times the size limit, several times over: with 200 connections that is
-gigabytes and an out-of-memory kill. `listener.data_memory_limit` bounds the octets of
-all messages in flight together:
+gigabytes and an out-of-memory kill. `listener.data_memory_limit` bounds the memory of
+all messages in flight together, each charged `COPIES` (2) times its size:
 
 - at `DATA`, a session asks for its first grant: the size the client declared with
   `MAIL FROM ... SIZE=`, or one piece (relay.intake.data.PIECE) when it declared none;
@@ -29,10 +29,18 @@ import ctypes.util
 from collections import deque
 
 MEMORY_WAIT = 30.0  # seconds DATA waits for its first grant before 451 4.3.1
+# A message is charged twice its size: while it is being committed the relay holds the
+# message and the store's copy of it (SQLite binds a copy of the blob); while it arrives,
+# its parts and, at the end, the parts joined into one body.
+COPIES = 2
+# Blocks from this size up are mmap'ed and given back when freed: above asyncio's 256 KiB
+# socket read buffer (allocated for every recv: mmap'ing it would cost two system calls
+# and page faults per read), below a message body of any size worth returning.
+MMAP_THRESHOLD = 1024 * 1024
 
 
 class MemoryBudget:
-    """`limit` octets shared by the grants; `used` is what they hold now."""
+    """`limit` octets of memory shared by the grants; `used` is what they hold now."""
 
     def __init__(self, limit: int, *, wait: float = MEMORY_WAIT) -> None:
         self.limit = limit
@@ -49,9 +57,9 @@ class MemoryBudget:
         return True
 
     async def grant(self, size: int) -> Grant | None:
-        """A grant of `size` octets, waiting up to `wait` seconds behind earlier asks;
-        None when it could not be had."""
-        size = min(max(size, 0), self.limit)
+        """A grant for a message of `size` octets (charged `COPIES` times), waiting up
+        to `wait` seconds behind earlier asks; None when it could not be had."""
+        size = min(max(size, 0) * COPIES, self.limit)
         if not self._waiters and self._take(size):
             return Grant(self, size)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -97,7 +105,9 @@ class Grant:
         self.used = 0  # octets of message kept so far
 
     def grow(self, size: int) -> bool:
-        """Room for `size` more octets: from what is held, else from the budget."""
+        """Room for `size` more octets of message (charged `COPIES` times): from what is
+        held, else from the budget."""
+        size *= COPIES
         need = self.used + size - self.held
         if need > 0:
             # never waits, and goes before waiting asks: a message being received is
@@ -125,15 +135,15 @@ def return_freed_memory() -> bool:
     with mmap and returns them when freed, but then raises its mmap threshold to the
     size of the block just freed, so later bodies come from the heap and their memory
     stays with the process after the message is committed (RSS only grows). A fixed
-    threshold (256 KiB) turns that adaptation off. Returns False where it cannot be
-    done (not glibc)."""
+    threshold (`MMAP_THRESHOLD`) turns that adaptation off. Returns False where it
+    cannot be done (not glibc)."""
     name = ctypes.util.find_library("c")
     if not name:
         return False
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(name)
         m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 256 * 1024)
-        libc.mallopt(m_trim_threshold, 1024 * 1024)
+        ok = libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+        libc.mallopt(m_trim_threshold, MMAP_THRESHOLD)
         return bool(ok)
     return False

@@ -84,11 +84,10 @@ class _Body:
             self.problems.add(BARE)
         if self.line_len + len(seg) > self.max_line:
             lines = seg.split(b"\r\n")
-            first, rest = lines[0], lines[1:]
-            if self.line_len + len(first) > self.max_line or \
-                    any(len(x) > self.max_line for x in rest):
+            first = self.line_len + len(lines[0])
+            if max(first, max(map(len, lines[1:]), default=0)) > self.max_line:
                 self.problems.add(TOO_LONG)
-            self.line_len = len(lines[-1]) if rest else self.line_len + len(first)
+            self.line_len = len(lines[-1]) if len(lines) > 1 else first
         else:
             end = seg.rfind(b"\r\n")
             self.line_len = self.line_len + len(seg) if end < 0 else len(seg) - end - 2

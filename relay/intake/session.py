@@ -37,6 +37,7 @@ MAX_COMMAND = 1000  # octets of a command line (RFC 5321 §4.5.3.1.4 says 512; b
 MAX_AUTH_COMMAND = 12288  # RFC 4954 §4
 MAX_ERRORS = 50  # refused commands per session before 421
 RECIPIENT_OVERSHOOT = 1000  # RCPTs past max_recipients not counted as errors (Postfix)
+READ_SIZE = 65536  # octets asked of each recv() (asyncio's default: 256 KiB)
 
 def client_address(peer: Any) -> str:
     """The client IP as text; IPv4-mapped IPv6 addresses as IPv4."""
@@ -195,6 +196,10 @@ class IntakeSession(SessionTimers, TlsAuthCommands, SMTP):
     async def _handle_client(self) -> None:
         assert self.session is not None
         self.client_ip = client_address(self.session.peer)
+        if isinstance(getattr(self.transport, "max_size", None), int):
+            # asyncio reads up to 256 KiB per recv() into a fresh buffer; 64 KiB (the DATA
+            # piece size) keeps each read's buffer small (relay.intake.budget)
+            self.transport.max_size = READ_SIZE  # type: ignore[union-attr]
         port = self.session.peer[1] if isinstance(self.session.peer, tuple) else None
         event("connect", session=self.sid, client_ip=self.client_ip, client_port=port)
         self._announced = True

@@ -38,6 +38,7 @@ class SessionTimers:
     _deadline = 0.0  # loop time at which the current timer fires
     _awaiting = False  # waiting for (the rest of) a command line
     _line_started = False  # ...and a byte of it has arrived
+    _shortened = False  # the timer runs shorter than the command timeout
 
     if TYPE_CHECKING:
         def _timeout_cb(self) -> None: ...
@@ -52,6 +53,7 @@ class SessionTimers:
     def _shorten(self, seconds: float) -> None:
         """Bring the timer forward to `seconds` from now; never push it back."""
         if self._timeout_handle is not None and self.loop.time() + seconds < self._deadline:
+            self._shortened = True
             self._reset_timeout(seconds)
 
     def _stressed(self) -> bool:
@@ -68,25 +70,29 @@ class SessionTimers:
 
     def begin_command_wait(self) -> None:
         """Before reading a command line: the idle deadline, or the partial-line one when
-        the start of the next line is already buffered (pipelining, or a drip)."""
+        an unfinished line is already buffered (a drip, or pipelining)."""
         wait = self._command_wait()
         buffer = getattr(self._reader, "_buffer", None)
         self._line_started = bool(buffer)
         self._awaiting = True
-        self._reset_timeout(min(wait, self._line_limit()) if self._line_started else wait)
+        line = self._line_limit()
+        self._shortened = bool(buffer) and b"\n" not in buffer and line < wait
+        self._reset_timeout(line if self._shortened else wait)
 
     def end_command_wait(self) -> None:
         """The line is in: the command itself has the command timeout again (not what
-        was left of the line's deadline)."""
+        was left of the line's deadline). Nothing to do for a line that came whole."""
         self._awaiting = False
-        if self._line_started:
+        if self._shortened:
+            self._shortened = False
             self._reset_timeout(self._command_wait())
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)  # type: ignore[misc]
         if self._awaiting and not self._line_started:
             self._line_started = True
-            self._shorten(self._line_limit())
+            if b"\n" not in data:  # a line begun and not finished: its own deadline
+                self._shorten(self._line_limit())
 
     def under_stress(self) -> None:
         """The untrusted share of the connections is full: an untrusted session that is

@@ -287,8 +287,9 @@ def test_messages_in_flight_share_a_memory_budget(tmp_path: Path) -> None:
     """Item 7: past `data_memory_limit`, DATA waits for room (and gets its 354 when
     another message is committed), and a message that outgrows the budget is read to
     its end and refused with 451 4.3.1, never buffered."""
+    # room for 300,000 octets of messages (each counted twice its size)
     with start_relay(tmp_path, listener={"max_message_size": 200_000,
-                                         "data_memory_limit": 300_000}) as relay:
+                                         "data_memory_limit": 600_000}) as relay:
         first = Dialog(relay.host, relay.port)
         first.cmd("EHLO a.test")
         assert first.cmd("MAIL FROM:<a@example.org> SIZE=200000")[0] == 250

@@ -87,11 +87,11 @@ def oracle(raw: bytes, *, max_size: int, max_line: int) -> tuple[str | None, byt
 
 
 async def test_memory_grant_refuses_what_the_budget_cannot_hold() -> None:
-    from relay.intake.budget import MemoryBudget
+    from relay.intake.budget import COPIES, MemoryBudget
 
-    budget = MemoryBudget(1000)
+    budget = MemoryBudget(1000 * COPIES)
     grant = await budget.grant(100)
-    assert grant is not None and budget.used == 100
+    assert grant is not None and budget.used == 100 * COPIES
     line = b"y" * 98 + b"\r\n"
     got = await read(line * 20 + b".\r\nNEXT\r\n", grant=grant, piece=64)  # 2000 octets
     assert got == (data.MEMORY, b"", b"NEXT\r\n")  # read to its end, nothing kept
@@ -100,7 +100,7 @@ async def test_memory_grant_refuses_what_the_budget_cannot_hold() -> None:
     grant = await budget.grant(100)
     assert grant is not None
     got = await read(line * 5 + b".\r\n", grant=grant, piece=64)
-    assert got == (None, line * 5, b"") and budget.used == 500
+    assert got == (None, line * 5, b"") and budget.used == 500 * COPIES
     grant.release()
     assert budget.used == 0
 
