@@ -158,7 +158,7 @@ INJECTION = "STARTTLS response injection"
 STARTTLS_INJECTION_MAY = "4.7.0"  # RFC 3463 X.7.0: other or undefined security status
 
 
-def starttls_injection(where: str, *, mandatory: bool) -> Outcome:
+def starttls_injection(where: str, *, mandatory: bool, code: str | None = None) -> Outcome:
     """The server (or something on the path) sent data after its 220 reply to STARTTLS,
     before the TLS handshake: the session was aborted and nothing was sent.
 
@@ -166,8 +166,12 @@ def starttls_injection(where: str, *, mandatory: bool) -> Outcome:
     required and STARTTLS fails": the TLS-RPT and DANE code sets are unchanged); elsewhere
     it is ``4.7.0``, a security failure, not a transport one (``4.4.1`` would say the host
     did not answer). Either way the reply names the injection, never "not supported"
-    alone. `where`: ``"mx.example.com [192.0.2.1]"``."""
-    code = codetable.STARTTLS_NOT_SUPPORTED if mandatory else STARTTLS_INJECTION_MAY
+    alone. `where`: ``"mx.example.com [192.0.2.1]"``; `code`: the mandatory-TLS code to
+    use instead of ``4.7.321`` (MTA-STS enforce: ``4.7.341``)."""
+    if not mandatory:
+        code = STARTTLS_INJECTION_MAY
+    elif code is None:
+        code = codetable.STARTTLS_NOT_SUPPORTED
     reply = (f"{INJECTION}: {_one_line(where)} sent data after its 220 reply to STARTTLS, "
              "before the TLS handshake; the session was aborted and nothing was sent")
     if mandatory:

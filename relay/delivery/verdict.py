@@ -138,7 +138,9 @@ def session_failure(host: HostPlan, ip: str, exc: SmtpClientError, req: TlsRequi
     where TLS was mandatory, the RFC 8460 type `validation-failure`."""
     detail = f"{host.name} [{ip}]: {exc}"
     if isinstance(exc, TlsInjection):
-        out = classify.starttls_injection(f"{host.name} [{ip}]", mandatory=mandatory(req))
+        sts = codetable.STS_STARTTLS if req is TlsRequirement.STS else None
+        out = classify.starttls_injection(f"{host.name} [{ip}]", mandatory=mandatory(req),
+                                          code=sts)
         return out, VALIDATION_FAILURE if mandatory(req) else None
     if isinstance(exc, TlsError) or exc.phase in ("starttls", "tls"):
         if mandatory(req):

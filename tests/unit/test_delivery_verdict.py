@@ -57,6 +57,7 @@ INJECTED = TlsInjection("bytes buffered after the 220 reply to STARTTLS", phase=
     (TlsRequirement.MAY, "4.7.0", None),
     (TlsRequirement.ENCRYPT, "4.7.321", "validation-failure"),
     (TlsRequirement.DANE, "4.7.321", "validation-failure"),
+    (TlsRequirement.STS, "4.7.341", "validation-failure"),  # MTA-STS enforce: its own code
 ])
 def test_starttls_injection_has_its_own_reason(req: TlsRequirement, code: str,
                                                ftype: str | None) -> None:
