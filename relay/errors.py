@@ -69,3 +69,13 @@ class TlsInjection(TlsError):
     """The server sent bytes after its 220 reply to STARTTLS, before the TLS handshake
     (a STARTTLS response injection, RFC 3207 §4.2, RFC 7672 §2.2): the session was
     aborted before anything was read as a TLS-protected reply."""
+
+
+class CorruptMessage(StoreError):
+    """A message read back from the queue is not what was accepted (its body no longer
+    matches the digest stored at intake). It is held, never sent."""
+
+    def __init__(self, message: str, *, message_id: str, detail: str):
+        super().__init__(message)
+        self.message_id = message_id
+        self.detail = detail

@@ -18,7 +18,7 @@ SQLITE_CANTOPEN = 14
 SQLITE_NOTADB = 26
 
 # After these the write connection is closed and opened again for the next batch.
-_REOPEN = {SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_NOTADB}
+REOPEN = {SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_NOTADB}
 
 
 def primary_code(exc: BaseException) -> int | None:
@@ -34,7 +34,7 @@ def is_full(exc: BaseException) -> bool:
 
 def needs_reopen(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.Error):
-        return primary_code(exc) in _REOPEN
+        return primary_code(exc) in REOPEN
     return not isinstance(exc, StoreError)
 
 

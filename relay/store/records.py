@@ -152,6 +152,7 @@ class MessageInfo:
     has_body: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
     requiretls: bool = False
+    held_reason: str = ""  # why it is held ("by an operator", "corrupt: …")
 
     def summary_json(self) -> dict[str, Any]:
         """The `relay queue list --json` element."""
@@ -161,6 +162,7 @@ class MessageInfo:
             "received_at": iso(self.received_at),
             "size": self.size,
             "held": self.held,
+            "held_reason": (self.held_reason or None) if self.held else None,
             "recipients": [r.summary_json() for r in self.recipients],
         }
 

@@ -18,7 +18,6 @@ async def connect(
     *,
     busy_timeout: float,
     max_page_count: int | None = None,
-    readonly: bool = False,
 ) -> aiosqlite.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, synchronous=FULL."""
     conn = await aiosqlite.connect(
@@ -34,10 +33,25 @@ async def connect(
         await conn.execute("PRAGMA synchronous = FULL")
         if max_page_count is not None:
             await set_max_page_count(conn, max_page_count)
-        if readonly:
-            await conn.execute("PRAGMA query_only = ON")
     except BaseException:
         await conn.close()
+        raise
+    return conn
+
+
+def connect_reader(path: Path, *, busy_timeout: float) -> sqlite3.Connection:
+    """A read connection for relay.store.readers: autocommit (its reads are explicit read
+    transactions), `query_only`. The writer has already put the file in WAL mode."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout,
+                           check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        conn.execute("PRAGMA query_only = ON")
+        mode = conn.execute("PRAGMA journal_mode").fetchone()
+        if mode is None or str(mode[0]).lower() != "wal":
+            raise StoreError(f"queue database {path} is not in WAL mode ({mode})")
+    except BaseException:
+        conn.close()
         raise
     return conn
 

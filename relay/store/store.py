@@ -1,46 +1,46 @@
 """The SQLite queue store: durable intake, delivery claims and results, operator views.
 
 One process holds one `Store`: a write connection owned by the writer task (group
-commit, see relay.store.writer) and a read connection for views. Other processes (the
-`relay queue` CLI) open their own `Store` on the same file; WAL lets readers run beside
-the writer, and writes from two processes wait for each other (busy_timeout).
+commit, see relay.store.writer) and a small pool of read connections, one caller each at
+a time (relay.store.readers). Other processes (the `relay queue` CLI) open their own
+`Store` on the same file; WAL lets readers run beside the writer, and writes from two
+processes wait for each other (busy_timeout).
+
+Every body is stored with its SHA-256 (in the same INSERT, so the same transaction), and
+`load_body` checks it: a body changed on disk raises CorruptMessage instead of going out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 
 from relay import log
-from relay.errors import NotFound, StoreError
-from relay.model import Envelope, RecipientStatus
+from relay.errors import CorruptMessage, NotFound, RelayError, StoreError
+from relay.model import Envelope
 from relay.store import errors as errs
 from relay.store import schema
 from relay.store.ids import IdGenerator, recipient_domain
-from relay.store.records import (
-    Attempt,
-    Job,
-    JobResult,
-    MessageInfo,
-    RecipientInfo,
-    Stats,
-    build_jobs,
-)
+from relay.store.readers import Readers, fetchall
+from relay.store.records import Job, JobResult, build_jobs
 from relay.store.sqlfiles import Q
 from relay.store.sts import StsStore
 from relay.store.tlsrpt import TlsRptStore
+from relay.store.views import StoreViews
 from relay.store.writer import Writer
 
 T = TypeVar("T")
 HEADERS_MAX = 256 * 1024  # header section kept for NDRs, at most this many octets
-_ACTIVE = (RecipientStatus.QUEUED, RecipientStatus.DEFERRED)
+READERS = 4  # read connections per process (reads run side by side, one caller each)
+HASH_IN_THREAD = 1 << 20  # bodies larger than this are hashed off the event loop
 
 
 def header_section(body: bytes) -> bytes:
@@ -49,13 +49,22 @@ def header_section(body: bytes) -> bytes:
     return head[:HEADERS_MAX]
 
 
-class Store(TlsRptStore, StsStore):
+def body_digest(body: bytes) -> bytes:
+    """The digest stored with a body at intake and checked before delivery."""
+    return hashlib.sha256(body).digest()
+
+
+class _AlreadyDone(RelayError):
+    """A notice's recipients were marked by someone else first (rolls back its insert)."""
+
+
+class Store(TlsRptStore, StsStore, StoreViews):
     """Open with `await Store.open(path)`; close with `await store.close()`."""
 
-    def __init__(self, path: Path, writer: Writer, reader: aiosqlite.Connection) -> None:
+    def __init__(self, path: Path, writer: Writer, readers: Readers) -> None:
         self.path = path
         self._writer = writer
-        self._reader = reader
+        self._readers = readers
         self._ids = IdGenerator()
         self.new_work = asyncio.Event()  # set after new mail commits (and retry/release)
         self._closed = False
@@ -72,6 +81,7 @@ class Store(TlsRptStore, StsStore):
         max_page_count: int | None = None,
         check: bool = True,
         create: bool = True,
+        readers: int = READERS,
     ) -> Store:
         """Open (creating it and its folder if needed) and migrate the queue database.
 
@@ -86,17 +96,19 @@ class Store(TlsRptStore, StsStore):
                                         max_page_count=max_page_count)
 
         conn: aiosqlite.Connection | None = None
-        reader: aiosqlite.Connection | None = None
+        first: sqlite3.Connection | None = None
         try:
             conn = await connect_writer()
             if check:
                 await schema.quick_check(conn, db)
             await schema.migrate(conn, db)
-            reader = await schema.connect(db, busy_timeout=busy_timeout, readonly=True)
+            # the first read connection, opened now so that a file that cannot be read
+            # fails here; the pool opens the others when reads need them
+            first = await asyncio.to_thread(schema.connect_reader, db,
+                                            busy_timeout=busy_timeout)
         except (sqlite3.Error, OSError, StoreError) as exc:
-            for c in (conn, reader):
-                if c is not None:
-                    await c.close()
+            if conn is not None:
+                await conn.close()
             raise errs.open_error(exc, db) from None
         store: Store
 
@@ -105,17 +117,19 @@ class Store(TlsRptStore, StsStore):
                 store.new_work.set()
 
         writer = Writer(db, connect_writer, conn, batch_max=commit_batch, on_commit=on_commit)
-        store = cls(db, writer, reader)
+        pool = Readers(lambda: schema.connect_reader(db, busy_timeout=busy_timeout), readers,
+                       first=first)
+        store = cls(db, writer, pool)
         writer.start()
         return store
 
     async def close(self) -> None:
-        """Finish the writes already submitted, then close both connections."""
+        """Finish the writes already submitted and the reads in progress, then close."""
         if self._closed:
             return
         self._closed = True
         await self._writer.close()
-        await self._reader.close()
+        await self._readers.close()
 
     async def __aenter__(self) -> Store:
         return self
@@ -138,18 +152,15 @@ class Store(TlsRptStore, StsStore):
 
     # --- reads --------------------------------------------------------------------------
 
-    async def _read(self, fn: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn(conn)` in one read transaction (one snapshot) on a connection of its own."""
         try:
-            return await fn(self._reader)
+            return await self._readers.run(fn)
         except (sqlite3.Error, ValueError) as exc:
             raise errs.storage_error(exc, self.path) from None
 
-    async def _fetchall(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
-        async def fn(conn: aiosqlite.Connection) -> list[Any]:
-            async with conn.execute(sql, params) as cur:
-                return list(await cur.fetchall())
-
-        return await self._read(fn)
+    async def _fetchall(self, sql: str, params: Any = ()) -> list[Any]:
+        return await self._read(fetchall(sql, params))
 
     async def _fetchone(self, sql: str, params: Any = ()) -> Any:
         rows = await self._fetchall(sql, params)
@@ -168,15 +179,25 @@ class Store(TlsRptStore, StsStore):
         Raises StorageFull (disk or page limit full) or StorageUnavailable (locked,
         read-only, I/O error); nothing of the message is then stored.
         """
+        qid = qid or self._ids.next(now)
+        message, recipients = await self._rows(envelope, qid, now)
+        return await self._writer.insert(message, recipients, qid)
+
+    async def _rows(self, envelope: Envelope, qid: str, now: float
+                    ) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+        """The message row (with its body's digest) and the recipient rows to insert."""
         if not envelope.recipients:
             raise StoreError("a message needs at least one recipient")
-        qid = qid or self._ids.next(now)
         body = envelope.body
+        if len(body) > HASH_IN_THREAD:
+            digest = await asyncio.to_thread(body_digest, body)
+        else:
+            digest = body_digest(body)
         message = (
             qid, envelope.sender, now, len(body), body, header_section(body),
             int(envelope.smtputf8), int(envelope.body_8bit), envelope.client_ip,
             envelope.client_helo, envelope.auth_user, json.dumps(envelope.extra),
-            int(envelope.requiretls),
+            int(envelope.requiretls), digest,
         )
         seen: set[str] = set()
         recipients = []
@@ -185,7 +206,37 @@ class Store(TlsRptStore, StsStore):
                 continue
             seen.add(address)
             recipients.append((qid, address, recipient_domain(address), now, now))
-        return await self._writer.insert(message, recipients, qid)
+        return message, recipients
+
+    async def enqueue_notice(self, envelope: Envelope, *, now: float, kind: str,
+                             covers: Sequence[int]) -> str | None:
+        """Queue a report about other mail (kind "ndr" or "delay") and mark the recipients
+        it `covers` (NDR sent / warned), in ONE transaction: a crash never leaves a report
+        queued but unmarked (sent twice) or marked but not queued (never sent).
+
+        Returns the new queue id, or None when those recipients were already marked (the
+        report was queued by another task or process: nothing is inserted).
+        """
+        qid = self._ids.next(now)
+        message, recipients = await self._rows(envelope, qid, now)
+        mark = {"ndr": Q.mark_ndr_sent, "delay": Q.mark_warned}[kind]
+        ids = json.dumps(sorted(set(covers)))
+        want = len(set(covers))
+
+        async def op(conn: aiosqlite.Connection) -> str:
+            cur = await conn.execute(mark, {"ids": ids, "now": now})
+            if cur.rowcount != want:
+                raise _AlreadyDone(qid)
+            await conn.execute(Q.insert_message, message)
+            await conn.executemany(Q.insert_recipient, recipients)
+            return qid
+
+        try:
+            queued = str(await self._writer.run(op))
+        except _AlreadyDone:
+            return None
+        self.new_work.set()
+        return queued
 
     # --- delivery -----------------------------------------------------------------------
 
@@ -212,8 +263,11 @@ class Store(TlsRptStore, StsStore):
         rows, msgs = await self._writer.run(op)
         return build_jobs(rows, msgs, max_recipients)
 
-    async def unlease(self, owner: str, recipient_ids: Iterable[int] | None = None) -> int:
-        """Give leased work back at once (e.g. at shutdown); returns rows released."""
+    async def unlease(self, owner: str, recipient_ids: Iterable[int] | None = None, *,
+                      wake: bool = True) -> int:
+        """Give leased work back at once (e.g. at shutdown); returns rows released.
+        `wake=False`: do not wake the scheduler for it (work given back after a failure
+        is claimed again at its next round, not in a tight loop)."""
         ids = None if recipient_ids is None else json.dumps(list(recipient_ids))
 
         async def op(conn: aiosqlite.Connection) -> int:
@@ -221,7 +275,7 @@ class Store(TlsRptStore, StsStore):
             return cur.rowcount
 
         count = int(await self._writer.run(op))
-        if count:
+        if count and wake:
             self.new_work.set()
         return count
 
@@ -238,10 +292,37 @@ class Store(TlsRptStore, StsStore):
         return int(await self._writer.run(op))
 
     async def load_body(self, message_id: str) -> bytes:
-        row = await self._fetchone(Q.load_body, {"id": message_id})
-        if row is None or row[0] is None:
-            raise NotFound(f"no message body for queue id {message_id}")
-        return bytes(row[0])
+        """The body to deliver, checked against the digest stored at intake.
+
+        NotFound: the message is gone, or its work was finished meanwhile (body dropped).
+        CorruptMessage: the body no longer matches its digest, or is missing while
+        recipients still wait for it. The check runs in the reader's thread.
+        """
+
+        def fn(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
+            row = conn.execute(Q.load_body, {"id": message_id}).fetchone()
+            if row is None or row[0] is None or row[1] is None:
+                return row
+            body = bytes(row[0])
+            return body, bytes(row[1]), row[2], body_digest(body)
+
+        row = await self._read(fn)
+        if row is None:
+            raise NotFound(f"no message with queue id {message_id}")
+        body, digest, waiting = row[0], row[1], row[2]
+        if body is None:
+            if not waiting:
+                raise NotFound(f"message {message_id} has no recipient left to deliver to")
+            raise CorruptMessage(
+                f"queue database {self.path}: message {message_id} has lost its body",
+                message_id=message_id, detail="body missing while recipients wait for it")
+        if digest is not None and row[3] != digest:
+            raise CorruptMessage(
+                f"queue database {self.path}: the body of {message_id} does not match the "
+                "digest stored when it was accepted", message_id=message_id,
+                detail=f"body digest mismatch: stored sha256 {digest.hex()[:16]}…, "
+                       f"read {row[3].hex()[:16]}… ({len(body)} octets)")
+        return bytes(body)
 
     async def load_headers(self, message_id: str) -> bytes:
         """The original header section (kept after the body is dropped, for NDRs)."""
@@ -296,80 +377,24 @@ class Store(TlsRptStore, StsStore):
         Work changed by another process (`relay queue retry` from the CLI) is not
         signalled through `new_work`: sleep at most `delivery.poll_interval`.
         """
-        first = await self._fetchone(Q.next_due_unleased)
-        leased = await self._fetchone(Q.next_due_leased)
-        times = [t for t in (first[0] if first else None, leased[0] if leased else None)
-                 if t is not None]
+        def fn(conn: sqlite3.Connection) -> list[Any]:
+            return [conn.execute(q).fetchone() for q in (Q.next_due_unleased,
+                                                         Q.next_due_leased)]
+
+        times = [r[0] for r in await self._read(fn) if r is not None and r[0] is not None]
         return min(times) if times else None
 
+    async def pending_ndrs(self, *, limit: int = 500) -> list[str]:
+        """Messages whose recipients are all final and that still owe an NDR."""
+        return [r[0] for r in await self._fetchall(Q.pending_ndrs, {"limit": limit})]
+
+    async def pending_delay_warnings(self, *, before: float, limit: int = 500) -> list[str]:
+        """Messages received before `before` with a deferred recipient not yet warned."""
+        rows = await self._fetchall(Q.pending_delay_warnings,
+                                    {"before": before, "limit": limit})
+        return [r[0] for r in rows]
+
     # --- operator -----------------------------------------------------------------------
-
-    async def list_messages(
-        self, *, include_final: bool = False, status: str | None = None,
-        domain: str | None = None, code: str | None = None, sender: str | None = None,
-        recipient: str | None = None,
-    ) -> list[MessageInfo]:
-        """Messages in arrival order with their recipients (address, status, code).
-
-        Without `include_final` only messages with a recipient still queued/deferred.
-        The filters select messages with at least one recipient matching all of them.
-        """
-        params = {"include_final": int(include_final), "status": status,
-                  "domain": recipient_domain("@" + domain) if domain else None,
-                  "code": code, "sender": sender, "recipient": recipient}
-        msgs = await self._fetchall(Q.list_messages, params)
-        ids = json.dumps([m[0] for m in msgs])
-        by_msg: dict[str, list[RecipientInfo]] = {}
-        for mid, address, st, rcode in await self._fetchall(Q.list_recipients, {"ids": ids}):
-            by_msg.setdefault(mid, []).append(RecipientInfo(
-                id=0, address=address, domain=recipient_domain(address),
-                status=RecipientStatus(st), code=rcode))
-        return [
-            MessageInfo(id=m[0], sender=m[1], received_at=m[2], size=m[3], held=bool(m[4]),
-                        finished_at=m[5], recipients=tuple(by_msg.get(m[0], ())))
-            for m in msgs
-        ]
-
-    async def get_message(self, message_id: str) -> MessageInfo:
-        """One message with every recipient and its attempt history (NotFound if none)."""
-
-        async def fn(conn: aiosqlite.Connection) -> tuple[Any, list[Any], list[Any]]:
-            # One read transaction, so the three queries see the same snapshot.
-            await conn.execute("BEGIN")
-            try:
-                p = {"id": message_id}
-                async with conn.execute(Q.get_message, p) as cur:
-                    msg = await cur.fetchone()
-                async with conn.execute(Q.get_recipients, p) as cur:
-                    rcpts = list(await cur.fetchall())
-                async with conn.execute(Q.get_attempts, p) as cur:
-                    atts = list(await cur.fetchall())
-            finally:
-                await conn.execute("COMMIT")
-            return msg, rcpts, atts
-
-        msg, rcpts, atts = await self._read(fn)
-        if msg is None:
-            raise NotFound(f"no message with queue id {message_id}")
-        history: dict[int, list[Attempt]] = {}
-        for a in atts:
-            history.setdefault(a[0], []).append(Attempt(*a[1:]))
-        recipients = tuple(
-            RecipientInfo(
-                id=r[0], address=r[1], domain=r[2], status=RecipientStatus(r[3]),
-                attempts=r[4], next_attempt_at=r[5], code=r[6], reply=r[7], updated_at=r[8],
-                lease_owner=r[9], leased_until=r[10], ndr_state=r[11], warned_at=r[12],
-                history=tuple(history.get(r[0], ())),
-            )
-            for r in rcpts
-        )
-        return MessageInfo(
-            id=msg[0], sender=msg[1], received_at=msg[2], size=msg[3], held=bool(msg[4]),
-            smtputf8=bool(msg[5]), body_8bit=bool(msg[6]), client_ip=msg[7],
-            client_helo=msg[8], auth_user=msg[9], finished_at=msg[10],
-            has_body=bool(msg[11]), extra=json.loads(msg[12] or "{}"), recipients=recipients,
-            requiretls=bool(msg[13]),
-        )
 
     async def retry(self, message_id: str | None, *, now: float) -> int:
         """Make the queued/deferred recipients of one message (None: all) due now.
@@ -408,12 +433,27 @@ class Store(TlsRptStore, StsStore):
         """Remove a message with its recipients and trace; False if there was none."""
         return await self._change("delete", Q.delete_message, {"id": message_id})
 
-    async def hold(self, message_id: str) -> bool:
+    async def hold(self, message_id: str, *, reason: str = "by an operator") -> bool:
         """Keep a message out of delivery until released; False if there is none."""
-        return await self._change("hold", Q.set_held, {"id": message_id, "held": 1})
+        return await self._change("hold", Q.set_held,
+                                  {"id": message_id, "held": 1, "reason": reason})
+
+    async def hold_corrupt(self, message_id: str, *, reason: str, owner: str) -> bool:
+        """Hold a message whose body failed its check (visible in `queue list`/`show`
+        with `reason`; never delivered, bounced or deleted by the relay) and give back
+        `owner`'s leases on it. False if the message is gone."""
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            cur = await conn.execute(Q.set_held, {"id": message_id, "held": 1,
+                                                  "reason": reason})
+            await conn.execute(Q.unlease_message, {"id": message_id, "owner": owner})
+            return cur.rowcount
+
+        return int(await self._writer.run(op)) > 0
 
     async def release(self, message_id: str) -> bool:
-        found = await self._change("release", Q.set_held, {"id": message_id, "held": 0})
+        found = await self._change("release", Q.set_held,
+                                   {"id": message_id, "held": 0, "reason": ""})
         if found:
             self.new_work.set()
         return found
@@ -425,37 +465,6 @@ class Store(TlsRptStore, StsStore):
             log.event("purged", count=count)
         return count
 
-    async def stats(self, *, now: float, top: int = 10) -> Stats:
-        by_status = {r[0]: r[1] for r in await self._fetchall(Q.stats_by_status)}
-        by_code = tuple((r[0], r[1], r[2]) for r in await self._fetchall(Q.stats_by_code))
-        count, held, size, oldest = await self._fetchone(Q.stats_messages)
-        (finished,) = await self._fetchone(Q.stats_finished)
-        top_rows = await self._fetchall(Q.stats_top_deferred, {"limit": top})
-        return Stats(now=now, by_status=by_status, by_code=by_code, messages=count,
-                     held=held, bytes=size, finished=finished, oldest_received_at=oldest,
-                     top_deferred_domains=tuple((r[0], r[1]) for r in top_rows))
-
-    async def backup(self, target: str | os.PathLike[str]) -> Path:
-        """A consistent copy made with SQLite's online backup API (safe while running).
-
-        Written to a temporary file beside `target`, synced, then renamed into place.
-        """
-        dest = Path(target)
-        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-        try:
-            await asyncio.to_thread(_backup_prepare, self.path, dest, tmp)
-            target_conn = sqlite3.connect(tmp, check_same_thread=False)
-            try:
-                await self._reader.backup(target_conn)
-                target_conn.execute("PRAGMA journal_mode = DELETE")
-            finally:
-                target_conn.close()
-            await asyncio.to_thread(_backup_finish, tmp, dest)
-        except (sqlite3.Error, OSError, ValueError) as exc:
-            await asyncio.to_thread(tmp.unlink, True)
-            raise errs.storage_error(exc, dest) from None
-        return dest
-
 
 def _prepare(db: Path, create: bool) -> Path:
     if not create and not db.exists():
@@ -465,27 +474,6 @@ def _prepare(db: Path, create: bool) -> Path:
     except OSError as exc:
         raise errs.storage_error(exc, db) from None
     return db
-
-
-def _backup_prepare(source: Path, dest: Path, tmp: Path) -> None:
-    if dest.resolve() == source.resolve():
-        raise StoreError("the backup must not overwrite the queue database itself")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp.unlink(missing_ok=True)
-
-
-def _backup_finish(tmp: Path, dest: Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, dest)
-    dfd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _purge_op(cutoff: float) -> Callable[[aiosqlite.Connection], Awaitable[int]]:

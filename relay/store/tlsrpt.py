@@ -1,6 +1,6 @@
 """The store's part of TLS reporting (RFC 8460): periods, aggregated results, reports.
 
-A mixin of relay.store.Store (it uses the store's writer and read connection). Results
+A mixin of relay.store.Store (it uses the store's writer and reader pool). Results
 are counted, not listed: recording a session is one upsert that adds 1 to the row of
 its key (period, policy, MX host, result type, addresses), submitted without waiting so
 that it shares the group commit of the job's own record. See sql/002_tlsrpt.sql.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,10 +57,11 @@ async def _one(conn: aiosqlite.Connection, sql: str, params: Any) -> Any:
 
 
 class TlsRptStore:
-    """Mixed into Store: needs `_writer` and `_fetchall`."""
+    """Mixed into Store: needs `_writer`, `_fetchall` and `_read` (one snapshot)."""
 
     _writer: Writer
     _fetchall: Callable[..., Awaitable[list[Any]]]
+    _read: Callable[..., Awaitable[Any]]
 
     def tlsrpt_add(self, results: Iterable[SessionResult], *, now: float,
                    interval: float) -> asyncio.Future[Any]:
@@ -186,15 +188,23 @@ class TlsRptStore:
 
     async def tlsrpt_next_wakeup(self) -> float | None:
         """When the reporter has something to do: a period ends or a report is due."""
-        times = [r[0] for q in (Q.tlsrpt_next_report, Q.tlsrpt_next_period_end)
-                 for r in await self._fetchall(q) if r[0] is not None]
+        def fn(conn: sqlite3.Connection) -> list[Any]:
+            return [conn.execute(q).fetchone()
+                    for q in (Q.tlsrpt_next_report, Q.tlsrpt_next_period_end)]
+
+        times = [r[0] for r in await self._read(fn) if r is not None and r[0] is not None]
         return min(times) if times else None
 
     async def tlsrpt_open(self) -> list[OpenPeriod]:
         """The periods still open, with what has been counted in them."""
-        periods = {int(r[0]): (r[1], r[2]) for r in await self._fetchall(Q.tlsrpt_open_periods)}
+        def fn(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+            return (conn.execute(Q.tlsrpt_open_periods).fetchall(),
+                    conn.execute(Q.tlsrpt_open_results).fetchall())
+
+        period_rows, result_rows = await self._read(fn)
+        periods = {int(r[0]): (r[1], r[2]) for r in period_rows}
         results: dict[int, list[SessionResult]] = {pid: [] for pid in periods}
-        for r in await self._fetchall(Q.tlsrpt_open_results):
+        for r in result_rows:
             results[int(r[0])].append(_result(r[3:]))
         return [OpenPeriod(pid, b, e, tuple(results[pid])) for pid, (b, e) in periods.items()]
 

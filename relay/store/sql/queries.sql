@@ -3,8 +3,9 @@
 
 -- name: insert_message
 INSERT INTO messages (id, sender, received_at, size, body, headers, smtputf8, body_8bit,
-                      client_ip, client_helo, auth_user, extra, requiretls)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+                      client_ip, client_helo, auth_user, extra, requiretls,
+                      body_sha256)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: insert_recipient
 INSERT INTO recipients (message_id, address, domain, next_attempt_at, updated_at)
@@ -88,7 +89,12 @@ WHERE r.leased_until IS NOT NULL AND r.leased_until > r.next_attempt_at
   AND +r.status IN ('queued', 'deferred') AND m.held = 0;  -- + : use recipients_lease
 
 -- name: load_body
-SELECT body FROM messages WHERE id = :id;
+-- The body with its digest, and whether any recipient still waits for it (a body already
+-- dropped is fine when the work was finished meanwhile, corrupt otherwise).
+SELECT body, body_sha256,
+       EXISTS (SELECT 1 FROM recipients r
+               WHERE r.message_id = messages.id AND r.status IN ('queued', 'deferred'))
+FROM messages WHERE id = :id;
 
 -- name: load_headers
 SELECT headers FROM messages WHERE id = :id;
@@ -109,6 +115,34 @@ WHERE id = :id AND status IN ('queued', 'deferred');
 
 -- name: set_ndr_state
 UPDATE recipients SET ndr_state = :ndr_state, updated_at = :now WHERE id = :id;
+
+-- name: mark_ndr_sent
+-- With the NDR's own insert, in one transaction: only recipients still pending (an NDR
+-- is queued once, whoever builds it).
+UPDATE recipients SET ndr_state = 'sent', updated_at = :now
+WHERE id IN (SELECT value FROM json_each(:ids)) AND ndr_state = 'pending';
+
+-- name: mark_warned
+-- With the delay warning's own insert, in one transaction: once per recipient.
+UPDATE recipients SET warned_at = :now
+WHERE id IN (SELECT value FROM json_each(:ids)) AND warned_at IS NULL
+  AND status = 'deferred';
+
+-- name: pending_ndrs
+-- Messages whose every recipient is final and that still owe an NDR: what a crash, a
+-- storage error or a bug left behind (swept by the running scheduler).
+SELECT DISTINCT r.message_id FROM recipients r
+WHERE r.ndr_state = 'pending'
+  AND NOT EXISTS (SELECT 1 FROM recipients o
+                  WHERE o.message_id = r.message_id AND o.status IN ('queued', 'deferred'))
+ORDER BY r.message_id LIMIT :limit;
+
+-- name: pending_delay_warnings
+-- Messages with a deferred recipient that has waited `ndr.delay_warning` unwarned.
+SELECT DISTINCT r.message_id FROM recipients r JOIN messages m ON m.id = r.message_id
+WHERE r.status = 'deferred' AND r.warned_at IS NULL AND m.received_at <= :before
+  AND m.sender != '' AND m.held = 0
+ORDER BY r.message_id LIMIT :limit;
 
 -- name: insert_attempt
 -- Through a SELECT, so that the trace of a recipient deleted meanwhile is dropped.
@@ -140,13 +174,17 @@ WHERE status IN ('queued', 'deferred') AND (leased_until IS NULL OR leased_until
 DELETE FROM messages WHERE id = :id;
 
 -- name: set_held
-UPDATE messages SET held = :held WHERE id = :id;
+UPDATE messages SET held = :held, held_reason = :reason WHERE id = :id;
+
+-- name: unlease_message
+UPDATE recipients SET lease_owner = NULL, leased_until = NULL
+WHERE message_id = :id AND lease_owner = :owner;
 
 -- name: purge
 DELETE FROM messages WHERE finished_at IS NOT NULL AND finished_at <= :cutoff;
 
 -- name: list_messages
-SELECT m.id, m.sender, m.received_at, m.size, m.held, m.finished_at
+SELECT m.id, m.sender, m.received_at, m.size, m.held, m.finished_at, m.held_reason
 FROM messages m
 WHERE (:include_final OR EXISTS (
           SELECT 1 FROM recipients r
@@ -169,7 +207,8 @@ ORDER BY message_id, id;
 
 -- name: get_message
 SELECT id, sender, received_at, size, held, smtputf8, body_8bit, client_ip, client_helo,
-       auth_user, finished_at, body IS NOT NULL AS has_body, extra, requiretls
+       auth_user, finished_at, body IS NOT NULL AS has_body, extra, requiretls,
+       held_reason
 FROM messages WHERE id = :id;
 
 -- name: get_recipients
