@@ -43,6 +43,9 @@ EVENTS: dict[str, str] = {
     "delay_warning": "a delay warning was queued (id, warning_id)",
     "queue_op": "an operator changed the queue (op, id)",
     "purged": "finished messages past trace retention were removed (count)",
+    "corrupt_body": "a body failed its digest check before delivery: the message is held, "
+                    "never sent (id, detail)",
+    "job_released": "a claimed job gave its lease back without an attempt (id, reason)",
     # MTA-STS
     "sts_fetched": "an MTA-STS policy was fetched and cached (domain, policy_id, mode, max_age)",
     "sts_fetch_failed": "an MTA-STS policy fetch failed (domain, policy_id, result_type, detail)",

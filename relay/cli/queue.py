@@ -83,6 +83,10 @@ def size(octets: int) -> str:
     return f"{octets:.0f}T"
 
 
+def _short(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def format_list(messages: list[MessageInfo], now: float) -> str:
     if not messages:
         return "Queue is empty."
@@ -90,7 +94,8 @@ def format_list(messages: list[MessageInfo], now: float) -> str:
     recipients = 0
     total = 0
     for m in messages:
-        flag = "  [held]" if m.held else ""
+        flag = f"  [held: {_short(m.held_reason)}]" if m.held and m.held_reason else (
+            "  [held]" if m.held else "")
         lines.append(f"{m.id:<16}  {age(now - m.received_at):>6}  {size(m.size):>6}  "
                      f"<{m.sender}>{flag}")
         width = max(len(r.address) for r in m.recipients) if m.recipients else 0
@@ -111,7 +116,8 @@ def format_show(m: MessageInfo, now: float) -> str:
         f"  size:      {m.size} bytes{'  (SMTPUTF8)' if m.smtputf8 else ''}",
         f"  client:    {m.client_ip or '-'} ({m.client_helo or '-'})"
         + (f" user {m.auth_user}" if m.auth_user else ""),
-        f"  held:      {'yes' if m.held else 'no'}",
+        f"  held:      {'yes' if m.held else 'no'}"
+        + (f" ({m.held_reason})" if m.held and m.held_reason else ""),
     ]
     if m.requiretls:
         out.append("  tls:       REQUIRETLS (RFC 8689): DANE or MTA-STS authenticated hops only")

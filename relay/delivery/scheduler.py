@@ -11,6 +11,14 @@ After each attempt every recipient is delivered, bounced (a 5xx, or its lifetime
 over: the 5.x.x form of its last code), or deferred to its next plan point. When every
 recipient of a message is final, one NDR covers all of its bounced recipients (never for
 a null sender); an NDR that itself fails goes once to `ndr.postmaster`, then is dropped.
+An NDR (or delay warning) is queued in the same transaction that marks its recipients, so
+it is queued once; one that could not be built (a storage error, a bug) stays pending and
+is picked up by the sweep, at start-up and every `sweep_every` seconds while running.
+
+Before an attempt the body is read back and checked against its digest (relay.store): a
+message that fails is held with the reason (`corrupt_body` event), never sent; a job whose
+body cannot be read gives its claim back at once (`job_released`), never waits for its
+lease to run out.
 """
 
 from __future__ import annotations
@@ -21,14 +29,14 @@ import datetime as dt
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from relay.config import Config
 from relay.delivery import classify, dsn, requiretls, retry
 from relay.delivery.attempt import Deliverer, own_endpoints
 from relay.delivery.trace import AttemptReport, policy_text
-from relay.errors import NotFound, StoreError
+from relay.errors import CorruptMessage, NotFound, StoreError
 from relay.log import event
 from relay.model import KIND_TLSRPT, Action, Envelope, Outcome, RecipientStatus
 from relay.store import AttemptTrace, Job, JobResult, RecipientUpdate, Store
@@ -36,6 +44,8 @@ from relay.tasks import cancel_and_wait
 
 Clock = Callable[[], float]
 PURGE_EVERY = 600.0  # seconds between purges of finished messages past retention
+SWEEP_EVERY = 60.0  # seconds between sweeps for NDRs and delay warnings left pending
+SWEEP_CONCURRENCY = 16  # notices built at once by a sweep
 KIND_NDR = "ndr"  # extra["kind"] of an NDR we generated
 KIND_POSTMASTER = "ndr-postmaster"  # a failed NDR's copy to the postmaster: dropped on failure
 _STS_DETAILS = ("7.341", "7.342", "7.343")  # MTA-STS failure codes (relay.codes)
@@ -45,6 +55,15 @@ def _utc(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, dt.UTC)
 
 
+def _notice_failed(message_id: str, stage: str, exc: Exception) -> None:
+    """An NDR or delay warning could not be queued; it stays pending for the sweep."""
+    if isinstance(exc, StoreError):
+        event("storage_error", level="error", kind=stage, id=message_id, detail=str(exc))
+    else:
+        event("internal_error", level="error", id=message_id, stage=stage,
+              error=f"{type(exc).__name__}: {exc}")
+
+
 class Scheduler:
     name = "delivery"
 
@@ -52,7 +71,7 @@ class Scheduler:
                  clock: Clock = time.time, owner: str | None = None,
                  own_endpoints: Callable[[], list[tuple[str, int]]] | None = None,
                  tlsrpt_record: Callable[[str, AttemptReport, float], None] | None = None,
-                 ) -> None:
+                 sweep_every: float = SWEEP_EVERY) -> None:
         self.store = store
         self.deliverer = deliverer
         self.config = config
@@ -68,6 +87,9 @@ class Scheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._ndr_locks: dict[str, asyncio.Lock] = {}
         self._last_purge = 0.0
+        self.sweep_every = sweep_every
+        self._last_sweep: float | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
         self._own_endpoints = own_endpoints
         self.tlsrpt_record = tlsrpt_record  # TLS reporting's hook (relay.tlsrpt.reporter)
 
@@ -95,7 +117,7 @@ class Scheduler:
 
     async def stop(self) -> None:
         self._draining = True
-        await cancel_and_wait([self._loop_task, *self._active])
+        await cancel_and_wait([self._loop_task, self._sweep_task, *self._active])
         with contextlib.suppress(StoreError):
             await self.store.unlease(self.owner)
         await self.deliverer.close()
@@ -103,7 +125,6 @@ class Scheduler:
     # --- the loop -------------------------------------------------------------------
 
     async def _run(self) -> None:
-        await self._sweep_ndrs()
         while not self._draining:
             try:
                 timeout = await self._round()
@@ -116,6 +137,7 @@ class Scheduler:
         """Claim what is due and can be started; returns how long to sleep at most."""
         d = self.config.delivery
         now = self.clock()
+        self._maybe_sweep(now)  # first: it runs even while claims fail
         free = self._capacity - len(self._active)
         claimed = 0
         if free > 0:
@@ -174,6 +196,16 @@ class Scheduler:
             with contextlib.suppress(StoreError):
                 await self.store.renew_lease(self.owner, ids, until=self.clock() + lease)
 
+    def _maybe_sweep(self, now: float) -> None:
+        """Start a sweep (in the background) at the first round and then every
+        `sweep_every` seconds, unless one is still running."""
+        if self._sweep_task is not None and not self._sweep_task.done():
+            return
+        if self._last_sweep is not None and now - self._last_sweep < self.sweep_every:
+            return
+        self._last_sweep = now
+        self._sweep_task = asyncio.create_task(self._sweep(now), name="notice-sweep")
+
     async def _limited(self, job: Job) -> None:
         sem = self._domains.setdefault(job.domain, asyncio.Semaphore(self._per_domain))
         async with sem:
@@ -196,7 +228,9 @@ class Scheduler:
 
     async def run_job(self, job: Job) -> None:
         started = self.clock()
-        body = await self.store.load_body(job.message_id)
+        body = await self._load_body(job)
+        if body is None:
+            return
         addresses = [addr for _, addr, _ in job.recipients]
         # TLS report mail, and (when the operator allows it) mail marked
         # "TLS-Required: No" (RFC 8689 §5), is delivered despite DANE/MTA-STS failures;
@@ -221,11 +255,40 @@ class Scheduler:
         self._log_hosts(job, report)
         result = self._result(job, report.outcomes, report, started, finished)
         await self.store.record([result], now=finished)
-        if any(u.status is RecipientStatus.BOUNCED for u in result.updates):
-            await self._maybe_ndr(job.message_id)
-        elif (self.config.ndr.delay_warning is not None and job.sender
-              and any(u.status is RecipientStatus.DEFERRED for u in result.updates)):
-            await self._maybe_delay_warning(job.message_id)
+        try:  # the outcome is recorded: what follows never records it a second time
+            if any(u.status is RecipientStatus.BOUNCED for u in result.updates):
+                await self._maybe_ndr(job.message_id)
+            elif (self.config.ndr.delay_warning is not None and job.sender
+                  and any(u.status is RecipientStatus.DEFERRED for u in result.updates)):
+                await self._maybe_delay_warning(job.message_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # left pending: the next sweep builds it
+            _notice_failed(job.message_id, "notice", exc)
+
+    async def _load_body(self, job: Job) -> bytes | None:
+        """The job's body, checked against its digest; None when the job cannot go on.
+        Then its claim is never left to run out: a corrupt message is held (and its lease
+        given back), any other failure gives the lease back at once."""
+        try:
+            return await self.store.load_body(job.message_id)
+        except CorruptMessage as exc:
+            event("corrupt_body", level="error", id=job.message_id, domain=job.domain,
+                  detail=exc.detail, action="held")
+            with contextlib.suppress(StoreError):  # else the lease runs out; checked again
+                await self.store.hold_corrupt(job.message_id, reason=f"corrupt: {exc.detail}",
+                                              owner=self.owner)
+            return None
+        except NotFound as exc:  # deleted by an operator, or finished by another worker
+            level, reason = "info", str(exc)
+        except StoreError as exc:
+            level, reason = "warning", f"body not readable: {exc}"
+        event("job_released", level=level, id=job.message_id, domain=job.domain,
+              reason=reason)
+        with contextlib.suppress(StoreError):  # claimed again at a later round, not at once
+            await self.store.unlease(self.owner, [rid for rid, _, _ in job.recipients],
+                                     wake=False)
+        return None
 
     def _sts_bounce_due(self, job: Job, report: AttemptReport, started: float) -> bool:
         """Would a recipient now bounce (5xx, or expiry) for an MTA-STS failure?"""
@@ -302,11 +365,29 @@ class Scheduler:
 
     # --- NDRs -----------------------------------------------------------------------
 
-    async def _sweep_ndrs(self) -> None:
-        """At start-up: NDRs that a crash left unsent."""
-        for info in await self.store.list_messages(include_final=True, status="bounced"):
-            if all(r.status.final for r in info.recipients):
-                await self._maybe_ndr(info.id)  # it checks each recipient's NDR state
+    async def _sweep(self, now: float) -> None:
+        """NDRs and delay warnings left pending (a crash, a storage error, a bug)."""
+        ndr = self.config.ndr
+        try:
+            todo = [(self._maybe_ndr, mid) for mid in await self.store.pending_ndrs()]
+            if ndr.delay_warning is not None and ndr.enabled:
+                todo += [(self._maybe_delay_warning, mid) for mid in
+                         await self.store.pending_delay_warnings(before=now - ndr.delay_warning)]
+        except StoreError as exc:
+            event("storage_error", level="error", kind="sweep", detail=str(exc))
+            return
+        sem = asyncio.Semaphore(SWEEP_CONCURRENCY)
+
+        async def one(fn: Callable[[str], Awaitable[None]], message_id: str) -> None:
+            async with sem:
+                try:
+                    await fn(message_id)
+                except NotFound:
+                    pass  # deleted meanwhile
+                except Exception as exc:  # tried again at the next sweep
+                    _notice_failed(message_id, "sweep", exc)
+
+        await asyncio.gather(*(one(fn, mid) for fn, mid in todo))
 
     async def _maybe_ndr(self, message_id: str) -> None:
         lock = self._ndr_locks.setdefault(message_id, asyncio.Lock())
@@ -360,11 +441,12 @@ class Scheduler:
         if body is None:
             await self.store.set_ndr_state(ids, "none", now=now)
             return
-        ndr_id = await self.store.enqueue(
+        ndr_id = await self.store.enqueue_notice(
             Envelope(sender="", recipients=(to,), body=body, smtputf8=not to.isascii(),
                      extra={"kind": new_kind, "original": message_id}),
-            now=now)
-        await self.store.set_ndr_state(ids, "sent", now=now)
+            now=now, kind="ndr", covers=ids)
+        if ndr_id is None:
+            return  # queued meanwhile by another task or process
         event("ndr_sent", id=message_id, ndr_id=ndr_id, to=to,
               recipients=len(pending), kind=new_kind)
 
@@ -393,12 +475,11 @@ class Scheduler:
             boundary=f"{message_id}/delay/{self.hostname}", queue_id=message_id)
         if body is None:
             return
-        warning_id = await self.store.enqueue(
+        warning_id = await self.store.enqueue_notice(
             Envelope(sender="", recipients=(info.sender,), body=body,
                      smtputf8=not info.sender.isascii(),
-                     extra={"kind": "delay-warning", "original": message_id}), now=now)
-        await self.store.record([JobResult(message_id, tuple(
-            RecipientUpdate(r.id, RecipientStatus.DEFERRED, r.code, r.reply,
-                            next_attempt_at=r.next_attempt_at, attempts=r.attempts,
-                            warned_at=now) for r in due))], now=now)
+                     extra={"kind": "delay-warning", "original": message_id}),
+            now=now, kind="delay", covers=[r.id for r in due])
+        if warning_id is None:
+            return  # queued meanwhile by another task or process
         event("delay_warning", id=message_id, warning_id=warning_id, recipients=len(due))

@@ -70,7 +70,8 @@ class MetricsComponent:
 
     async def _snapshot(self) -> dict[str, Any]:
         stats = await self.store.stats(now=time.time())
-        return {"by_status": stats.by_status, "oldest_age": stats.oldest_age}
+        return {"by_status": stats.by_status, "oldest_age": stats.oldest_age,
+                "held": stats.held}
 
     async def _health(self) -> tuple[bool, dict[str, Any]]:
         probe = self.resolver.last_probe

@@ -61,8 +61,16 @@ class Metrics:
             "too many failures in one session)", registry=r)
         self.connections = Gauge("relay_smtp_connections",
                                  "SMTP client connections open now", registry=r)
+        self.corrupt = Counter("relay_corrupt_bodies",
+                               "Messages held because their body failed its digest check",
+                               registry=r)
+        self.released = Counter("relay_jobs_released",
+                                "Claimed jobs given back without an attempt", registry=r)
         self.queue = Gauge("relay_queue_recipients", "Recipients in the queue by status",
                            ["status"], registry=r)
+        self.held = Gauge("relay_queue_held_messages",
+                          "Messages held (by an operator, or corrupt) with work left",
+                          registry=r)
         self.oldest = Gauge("relay_queue_oldest_age_seconds",
                             "Age of the oldest message with unfinished recipients",
                             registry=r)
@@ -95,6 +103,10 @@ class Metrics:
             self.expired.labels(code=code).inc()
         elif name == "ndr_sent":
             self.ndr.inc()
+        elif name == "corrupt_body":
+            self.corrupt.inc()
+        elif name == "job_released":
+            self.released.inc()
         elif name == "attempt":
             self._attempt(fields, code)
         elif name == "sts_fetched":
@@ -129,6 +141,7 @@ class Metrics:
             for status in ("queued", "deferred", "delivered", "bounced"):
                 self.queue.labels(status=status).set(snap.get("by_status", {}).get(status, 0))
             self.oldest.set(snap.get("oldest_age") or 0)
+            self.held.set(snap.get("held") or 0)
         return generate_latest(self.registry)
 
 

@@ -31,7 +31,7 @@ async def test_counters_follow_log_events_and_gauges_read_the_queue(capsys: Any)
     metrics.install()
 
     async def snapshot() -> dict[str, Any]:
-        return {"by_status": {"queued": 3, "deferred": 2}, "oldest_age": 42.0}
+        return {"by_status": {"queued": 3, "deferred": 2}, "oldest_age": 42.0, "held": 1}
 
     async def health() -> tuple[bool, dict[str, Any]]:
         return False, {"resolver": "not validating"}
@@ -46,6 +46,8 @@ async def test_counters_follow_log_events_and_gauges_read_the_queue(capsys: Any)
         log.event("attempt", id="A", security="failed", code="4.7.323", tls="TLSv1.3")
         log.event("attempt", id="A", security="dane-authenticated", tls="TLSv1.3")
         log.event("attempt", id="C", dns_failure="servfail", code="4.4.312")
+        log.event("corrupt_body", level="error", id="D", detail="body digest mismatch")
+        log.event("job_released", id="E", reason="no message with queue id E")
         status, body = await _get(server.port, "/metrics")
         assert status == 200
         assert _value(body, "relay_received_total") == 2
@@ -57,6 +59,9 @@ async def test_counters_follow_log_events_and_gauges_read_the_queue(capsys: Any)
         assert _value(body, 'relay_dns_failures_total{kind="servfail"}') == 1
         assert _value(body, 'relay_queue_recipients{status="queued"}') == 3
         assert _value(body, "relay_queue_oldest_age_seconds") == 42.0
+        assert _value(body, "relay_corrupt_bodies_total") == 1
+        assert _value(body, "relay_jobs_released_total") == 1
+        assert _value(body, "relay_queue_held_messages") == 1
         status, body = await _get(server.port, "/healthz")
         assert status == 503 and '"resolver": "not validating"' in body
         status, _ = await _get(server.port, "/nope")

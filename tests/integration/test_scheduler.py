@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from relay import log
 from relay.config import build
 from relay.dane.policy import DomainPlan, PlanAction
 from relay.delivery.scheduler import Scheduler
@@ -116,3 +118,86 @@ async def test_survives_a_locked_database_and_delivers_afterwards(tmp_path: Path
         await sched.stop()
         await store.close()
     assert stub.calls == [("one.test", ("a@one.test",))]
+
+
+class BouncingDeliverer(StubDeliverer):
+    """Bounces every recipient at one.test (5.1.1); delivers the others."""
+
+    async def deliver(self, domain: str, sender: str, recipients: Any, body: bytes,
+                      **kw: Any) -> AttemptReport:
+        if domain != "one.test":
+            return await super().deliver(domain, sender, recipients, body, **kw)
+        self.calls.append((domain, tuple(recipients)))
+        out = Outcome(Action.BOUNCED, "5.1.1", "550 5.1.1 no such user")
+        plan = DomainPlan(domain, PlanAction.DELIVER, None, "stub")
+        return AttemptReport({r: out for r in recipients}, (), plan)
+
+
+async def test_an_ndr_left_pending_by_a_locked_database_is_sent_by_the_running_sweep(
+        tmp_path: Path) -> None:
+    """Issue 10: an NDR that could not be queued (here: another process holds the
+    database's write lock from the moment the bounce was recorded, past the busy
+    timeout) stays pending, and the running scheduler's periodic sweep sends it once the
+    lock is gone, without a restart, exactly once."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    logged = asyncio.Event()
+
+    def observe(name: str, fields: dict[str, Any]) -> None:
+        events.append((name, dict(fields)))
+        logged.set()
+
+    async def until(pred: Callable[[], bool]) -> None:
+        while not pred():
+            logged.clear()
+            await logged.wait()
+
+    def count(name: str, **match: Any) -> int:
+        return sum(1 for n, f in events
+                   if n == name and all(f.get(k) == v for k, v in match.items()))
+
+    path = tmp_path / "q.db"
+    store = await Store.open(path, busy_timeout=0.2)
+    qid = await store.enqueue(Envelope(sender="a@example.org", recipients=("b@one.test",),
+                                       body=b"Subject: x\r\n\r\nhi\r\n"), now=1.0)
+    locker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    record = store.record
+    locked = False
+
+    async def record_then_lock(*args: Any, **kw: Any) -> None:
+        nonlocal locked
+        await record(*args, **kw)
+        if not locked:  # once, right after the bounce was recorded
+            locked = True
+            locker.execute("BEGIN IMMEDIATE")  # e.g. an operator's long transaction
+
+    store.record = record_then_lock  # type: ignore[method-assign]
+    sched = Scheduler(store, BouncingDeliverer(), _cfg(), hostname="relay.test",  # type: ignore[arg-type]
+                      sweep_every=0.2)
+    log.observers.append(observe)
+    await sched.start()
+    try:
+        async with asyncio.timeout(30):
+            await until(lambda: count("storage_error", kind="notice", id=qid) > 0)
+            # swept again and again while locked: still pending, nothing queued
+            sweeps = count("storage_error", kind="sweep")
+            await until(lambda: count("storage_error", kind="sweep") >= sweeps + 2)
+            assert count("ndr_sent") == 0
+            locker.execute("COMMIT")  # the lock is gone
+            await until(lambda: count("ndr_sent") > 0)
+            await until(lambda: count("delivered") > 0)  # the NDR itself
+        await asyncio.sleep(0.6)  # a few more sweeps: nothing is sent twice
+    finally:
+        log.observers.remove(observe)
+        if locker.in_transaction:
+            locker.execute("COMMIT")
+        locker.close()
+        await sched.stop()
+    try:
+        assert [f["id"] for n, f in events if n == "ndr_sent"] == [qid]
+        assert await store.pending_ndrs() == []
+        ndrs = [m for m in await store.list_messages(include_final=True) if m.sender == ""]
+        assert len(ndrs) == 1 and ndrs[0].recipients[0].address == "a@example.org"
+        assert count("internal_error") == 0 and count("expired") == 0
+        assert count("bounced", id=qid) == 1
+    finally:
+        await store.close()
