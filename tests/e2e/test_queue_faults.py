@@ -5,6 +5,9 @@
   once, with no `internal_error` and no stray trace rows.
 - A retry wave of thousands of due recipients while new mail arrives: every new message
   is attempted promptly (never left claimed until its lease runs out).
+- A byte of a body flipped on disk while the relay is stopped: that message is held
+  (visible, with its reason, an alert event and metric), never sent; the others go.
+  Mail queued by the previous schema version (no digest) is still delivered.
 
 Routes to IP addresses with `tls = "none"`: no DNS is involved, the queue is the subject.
 """
@@ -12,9 +15,11 @@ Routes to IP addresses with `tls = "none"`: no DNS is involved, the queue is the
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import statistics
 import time
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from relay.store.sqlfiles import migrations, statements
 from tests.support.e2e import running, wait_for
 from tests.support.relayproc import RelayProc, start_relay
 from tests.support.smtpd import Destination, shared_port
@@ -187,3 +193,122 @@ def test_new_mail_is_attempted_promptly_during_a_retry_wave(
 
 def _ts(ev: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(ev["ts"]).replace("Z", "+00:00")).timestamp()
+
+
+# --- item 8 -----------------------------------------------------------------------------
+
+
+def flip_byte_on_disk(db: Path, needle: bytes, at: int) -> None:
+    """Change one byte inside `needle` in the stopped relay's database file (what a bad
+    disk or a careless copy does); the file stays well-formed for SQLite."""
+    wal = Path(f"{db}-wal")
+    assert not wal.exists() or wal.stat().st_size == 0  # checkpointed at a clean stop
+    data = db.read_bytes()
+    assert data.count(needle) == 1
+    pos = data.index(needle) + at
+    with db.open("r+b") as f:
+        f.seek(pos)
+        f.write(bytes([data[pos] ^ 0x01]))
+
+
+# the recipe of docs/deploy.md ("Damaged bodies"), as run by an operator's sqlite3
+RESTORE_BODY = """ATTACH 'BACKUP' AS b;
+  UPDATE messages SET body = (SELECT body FROM b.messages WHERE id = 'ID')
+  WHERE id = 'ID' AND body_sha256 = (SELECT body_sha256 FROM b.messages WHERE id = 'ID');"""
+
+
+def http_get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+        return str(resp.read().decode())
+
+
+def test_a_body_damaged_on_disk_is_held_never_sent(
+        tmp_path: Path, dests: dict[str, Destination]) -> None:
+    marker = b"WIRE-TRANSFER-TO-IBAN-DE89370400440532013000"
+    bodies = {f"n{i}@new.test": f"Subject: intact {i}\r\n\r\nline {i}\r\n".encode()
+              for i in range(8)}
+    bodies["victim@new.test"] = b"Subject: invoice\r\n\r\n" + marker + b"\r\nthanks\r\n"
+    sections = relay_sections(enabled=False)
+    sections["metrics"] = {"listen": "127.0.0.1:0"}
+    with start_relay(tmp_path, **sections) as relay:
+        mark = relay.mark()
+        with relay.smtp() as client:
+            for rcpt, body in bodies.items():
+                client.sendmail(SENDER, [rcpt], body)
+        wait_for(lambda: len(relay.events("received", after=mark)) == len(bodies), 30,
+                 "the messages to be received")
+        backup = tmp_path / "backup" / "relay.db"
+        relay.cli("queue", "backup", str(backup))  # while running
+        relay.stop()
+        flip_byte_on_disk(relay.db_path, marker, at=30)  # one digit of the account
+        relay.write_config(delivery={"enabled": True})
+        mark = relay.mark()
+        relay.start()
+        ev = relay.wait_event("corrupt_body", after=mark, timeout=30)
+        victim = ev["id"]
+        dests["new"].wait_messages(len(bodies) - 1, timeout=30)
+        listed = {m["id"]: m for m in relay.queue_list(all=False)}
+        text = relay.cli("queue", "list").stdout
+        shown = json.loads(relay.cli("queue", "show", victim, "--json").stdout)
+        port = int(relay.wait_event("listening", after=mark, service="metrics")["port"])
+        metrics = http_get(port, "/metrics")
+        relay.stop()
+        # restarted, it is still held: never claimed, never sent (new mail meanwhile
+        # shows the scheduler has been working)
+        relay.start()
+        mark = relay.mark()
+        with relay.smtp() as client:
+            client.sendmail(SENDER, ["late@new.test"], b"Subject: late\r\n\r\nlate\r\n")
+        relay.wait_event("delivered", after=mark, recipient="late@new.test", timeout=30)
+        again = relay.queue_list(all=False)
+        # docs/deploy.md: put the body back from the backup, release, delivered intact
+        with contextlib.closing(sqlite3.connect(relay.db_path, timeout=30)) as conn:
+            conn.executescript(RESTORE_BODY.replace("ID", victim).replace("BACKUP",
+                                                                          str(backup)))
+        relay.cli("queue", "release", victim)
+        relay.wait_event("delivered", after=mark, id=victim, timeout=30)
+    received = [m for m in dests["new"].messages if m.rcpt_tos != ["late@new.test"]]
+    assert len(received) == len(bodies)
+    assert all(m.body.endswith(bodies[m.rcpt_tos[0]]) for m in received)  # all intact
+    # the damaged copy never went out: the victim's only delivery is the restored one,
+    # and it came after the others
+    assert [m.rcpt_tos for m in received].index(["victim@new.test"]) == len(bodies) - 1
+    assert "digest mismatch" in ev["detail"] and ev["level"] == "error"
+    assert list(listed) == [victim] and listed[victim]["held"] is True
+    assert listed[victim]["held_reason"].startswith("corrupt: body digest mismatch")
+    assert "[held: corrupt: body digest mismatch" in text
+    assert shown["held"] is True and shown["recipients"][0]["status"] == "queued"
+    assert shown["recipients"][0]["attempts"] == 0  # not bounced, not tried
+    assert "relay_corrupt_bodies_total 1.0" in metrics
+    assert "relay_queue_held_messages 1.0" in metrics
+    assert [m["id"] for m in again] == [victim]
+    assert dests["senderbox"].messages == []  # no NDR either
+
+
+def test_mail_queued_before_the_digest_existed_is_still_delivered(
+        tmp_path: Path, dests: dict[str, Destination]) -> None:
+    """A queue written by the previous version (schema 2: no digest) is migrated at
+    start-up, and its mail is delivered unchecked."""
+    db = tmp_path / "queue" / "relay.db"
+    db.parent.mkdir(parents=True)
+    body = b"Subject: from v2\r\n\r\nqueued before the upgrade\r\n"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+        for mig in migrations()[:2]:
+            for stmt in statements(mig.sql):
+                conn.execute(stmt)
+        conn.execute("PRAGMA user_version = 2")
+        now = time.time()
+        conn.execute("INSERT INTO messages (id, sender, received_at, size, body, headers) "
+                     "VALUES ('1K0OLDMESSAGE000', ?, ?, ?, ?, x'')",
+                     (SENDER, now, len(body), body))
+        conn.execute("INSERT INTO recipients (message_id, address, domain, next_attempt_at,"
+                     " updated_at) VALUES ('1K0OLDMESSAGE000', 'old@new.test', 'new.test', "
+                     "?, ?)", (now, now))
+        conn.commit()
+    with start_relay(tmp_path, **relay_sections()) as relay:
+        relay.wait_event("delivered", id="1K0OLDMESSAGE000", timeout=30)
+        with contextlib.closing(relay.db()) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations()[-1].version
+    (msg,) = dests["new"].messages
+    assert msg.body.endswith(body)
