@@ -152,7 +152,7 @@ class MessageInfo:
     has_body: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
     requiretls: bool = False
-    held_reason: str = ""  # why it is held ("by an operator", "corrupt: …")
+    held_reason: str = ""  # why the relay held it ("corrupt: …"); "" for an operator's hold
 
     def summary_json(self) -> dict[str, Any]:
         """The `relay queue list --json` element."""

@@ -433,8 +433,9 @@ class Store(TlsRptStore, StsStore, StoreViews):
         """Remove a message with its recipients and trace; False if there was none."""
         return await self._change("delete", Q.delete_message, {"id": message_id})
 
-    async def hold(self, message_id: str, *, reason: str = "by an operator") -> bool:
-        """Keep a message out of delivery until released; False if there is none."""
+    async def hold(self, message_id: str, *, reason: str = "") -> bool:
+        """Keep a message out of delivery until released; False if there is none.
+        An operator's hold has no reason (shown as plain "held")."""
         return await self._change("hold", Q.set_held,
                                   {"id": message_id, "held": 1, "reason": reason})
 
