@@ -34,7 +34,7 @@ from relay.intake.core import Intake, IntakeSettings
 from relay.intake.listener import Listener, load_tls, load_users
 from relay.log import event
 from relay.ops.components import MetricsComponent, ResolverProbe
-from relay.store import Store
+from relay.store import Store, open_store
 from relay.sts.fetch import Trust, load_trust
 from relay.sts.source import StsRefresher, StsSource
 
@@ -193,7 +193,7 @@ async def serve(cfg: Config, source: str) -> int:
     users = load_users(cfg.listener, tls)
     trust = load_trust(cfg.mta_sts.ca_file) \
         if cfg.mta_sts.enabled and cfg.delivery.enabled else None
-    store = await Store.open(cfg.queue.path, commit_batch=cfg.queue.commit_batch)
+    store = await open_store(cfg.queue)
     try:
         app = App(build_components(cfg, store, tls=tls, users=users, trust=trust),
                   drain_timeout=cfg.listener.drain_timeout)

@@ -221,10 +221,16 @@ class ListenerConfig(_Section):
 
 
 class QueueConfig(_Section):
-    """The durable SQLite queue."""
+    """The durable queue: a SQLite file (one node), or PostgreSQL shared by several nodes."""
 
     path: Path = Path("queue/relay.db")
     """The SQLite file (WAL mode, synchronous=FULL); keep it on a local disk."""
+    url: str | None = None
+    """"postgresql://user@host/db": one queue shared by several relay nodes (absent: SQLite)."""
+    node: str | None = None
+    """This node's name in a shared queue: leases, the log and metrics (default: the host name)."""
+    readers: int = Field(4, ge=1, le=64)
+    """Read connections kept open (PostgreSQL: besides the writer's own connection)."""
     trace_retention: Duration = 7 * 86400.0
     """How long finished messages keep their delivery trace (not their body)."""
     commit_batch: int = Field(512, ge=1)

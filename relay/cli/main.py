@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     qst.add_argument("--json", action="store_true")
     qb = q_sub.add_parser("backup", parents=[common], help="online backup of the queue database")
     qb.add_argument("file")
+    qi = q_sub.add_parser("import", parents=[common],
+                          help="move the mail of a SQLite queue file into the configured queue")
+    qi.add_argument("file")
+    qi.add_argument("--json", action="store_true")
+    qn = q_sub.add_parser("nodes", parents=[common], help="relay nodes sharing this queue")
+    qn.add_argument("--json", action="store_true")
 
     chk = sub.add_parser("check", parents=[common], help="DANE check of a destination domain")
     chk.add_argument("domain")

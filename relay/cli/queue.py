@@ -1,7 +1,9 @@
-"""`relay queue …`: list, show, retry, delete, hold, release, stats, backup.
+"""`relay queue …`: list, show, retry, delete, hold, release, stats, backup, import, nodes.
 
-Each command opens the queue database named by `queue.path` as a second process beside
-a running `relay serve` (WAL: readers never block it; writes wait for each other).
+Each command opens the configured queue (the SQLite file at `queue.path`, or the shared
+PostgreSQL queue at `queue.url`) beside a running `relay serve` (SQLite's WAL: readers
+never block it; writes wait for each other; on PostgreSQL any node's CLI sees the whole
+queue).
 Human output is a table; `--json` prints the contract's shapes for scripts. A queue id
 that does not exist is an error on stderr and exit status 1.
 """
@@ -20,7 +22,7 @@ from typing import Any, TypeVar
 from relay import config as configmod
 from relay import log
 from relay.errors import NotFound
-from relay.store import MessageInfo, Stats, Store, iso
+from relay.store import MessageInfo, Stats, Store, iso, open_store
 
 T = TypeVar("T")
 
@@ -28,7 +30,8 @@ T = TypeVar("T")
 _QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
 
 
-def _run(args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]]) -> T:
+def _run(args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]], *,
+         create: bool = False) -> T:
     qid = getattr(args, "id", None)
     if qid is not None and not _QUEUE_ID.fullmatch(qid):
         raise NotFound(f"not a queue id: {ascii(qid)[:100]}")
@@ -37,8 +40,7 @@ def _run(args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]]) -> T:
     log.configure(fmt="json", level="warning", stream=sys.stderr)
 
     async def main() -> T:
-        store = await Store.open(cfg.queue.path, commit_batch=cfg.queue.commit_batch,
-                                 check=False, create=False)
+        store = await open_store(cfg.queue, check=False, create=create)
         try:
             return await fn(store)
         finally:
@@ -260,4 +262,52 @@ def cmd_backup(args: argparse.Namespace) -> int:
         return str(await store.backup(args.file))
 
     print(f"backup written to {_run(args, fn)}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """`relay queue import FILE.db`: move the mail of a SQLite queue into the configured
+    one (a dead node's disk, or a move from SQLite to PostgreSQL)."""
+    from pathlib import Path
+
+    source_path = Path(args.file).resolve()
+
+    async def fn(store: Store) -> tuple[int, int]:
+        if store.path is not None and source_path == store.path.absolute():
+            raise NotFound(f"{source_path} is the configured queue itself")
+        source = await Store.open(source_path, create=False)
+        try:
+            return await store.import_from(source)
+        finally:
+            await source.close()
+
+    moved, recipients = _run(args, fn, create=True)  # a new queue may be the target
+    if args.json:
+        _print_json({"messages": moved, "recipients": recipients})
+    else:
+        print(f"moved {moved} message(s) with {recipients} recipient(s) from {source_path}")
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    """`relay queue nodes`: the relay nodes seen on this queue and who runs what."""
+
+    async def fn(store: Store) -> dict[str, Any]:
+        now = time.time()
+        return {"backend": store.backend.kind, "nodes": await store.nodes(now=now),
+                "singletons": [{"name": n, "owner": o, "leased_until": iso(u)}
+                               for n, o, u in await store.singletons()]}
+
+    data = _run(args, fn)
+    if args.json:
+        _print_json(data)
+        return 0
+    print(f"queue backend: {data['backend']}")
+    if not data["nodes"]:
+        print("no node has run on this queue yet")
+    for n in data["nodes"]:
+        state = "alive" if n["seen_ago"] < 60 else f"silent for {age(n['seen_ago'])}"
+        print(f"  {n['owner']:<40} started {iso(n['started_at'])}  {state}")
+    for s in data["singletons"]:
+        print(f"  {s['name']:<16} held by {s['owner']} until {s['leased_until']}")
     return 0

@@ -22,7 +22,7 @@ from relay import config as configmod
 from relay import log
 from relay.config import Config
 from relay.dns.resolve import Resolver
-from relay.store import Store, iso
+from relay.store import Store, iso, open_store
 from relay.tlsrpt import report as rpt
 from relay.tlsrpt.reporter import Settings, TlsReporter
 
@@ -32,8 +32,7 @@ def _hostname(cfg: Config) -> str:
 
 
 async def _open(cfg: Config) -> Store:
-    return await Store.open(cfg.queue.path, commit_batch=cfg.queue.commit_batch, check=False,
-                            create=False)
+    return await open_store(cfg.queue, check=False, create=False)
 
 
 async def show_data(store: Store, cfg: Config) -> dict[str, Any]:

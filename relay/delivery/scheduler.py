@@ -194,7 +194,7 @@ class Scheduler:
         while True:
             await asyncio.sleep(lease / 3)
             with contextlib.suppress(StoreError):
-                await self.store.renew_lease(self.owner, ids, until=self.clock() + lease)
+                await self.store.renew_lease(self.owner, ids, now=self.clock(), lease=lease)
 
     def _maybe_sweep(self, now: float) -> None:
         """Start a sweep (in the background) at the first round and then every

@@ -1,11 +1,15 @@
-"""The durable queue: SQLite (WAL, synchronous=FULL), group commit, claims, trace.
+"""The durable queue behind one interface (relay.store.store.Store): SQLite (WAL,
+synchronous=FULL; the embedded default) or PostgreSQL (several nodes, one queue); group
+commit, claims and leases, trace, TLS-RPT tables, cluster singletons.
 
-All SQL of the project lives in this package (`sql/*.sql`). See relay.store.store.Store.
+All SQL of the project lives in this package (`sql/<backend>/*.sql`); the backends
+(.sqlite, .pg) bring connections, SQL and error mapping, the logic is shared.
 
 May import: the base only. It knows nothing of delivery, intake or TLS reporting: they
 hand it values (relay.model) and read values back (.records).
 """
 
+from relay.config import QueueConfig
 from relay.store.ids import recipient_domain
 from relay.store.records import (
     Attempt,
@@ -20,6 +24,15 @@ from relay.store.records import (
 )
 from relay.store.store import Store
 
+
+async def open_store(queue: QueueConfig, *, check: bool = True, create: bool = True) -> Store:
+    """The configured queue: PostgreSQL when `queue.url` is set, else the SQLite file."""
+    if queue.url:
+        return await Store.open_url(queue.url, commit_batch=queue.commit_batch,
+                                    readers=queue.readers)
+    return await Store.open(queue.path, commit_batch=queue.commit_batch, check=check,
+                            create=create, readers=queue.readers)
+
 __all__ = [
     "Attempt",
     "AttemptTrace",
@@ -31,5 +44,6 @@ __all__ = [
     "Stats",
     "Store",
     "iso",
+    "open_store",
     "recipient_domain",
 ]

@@ -131,6 +131,8 @@ class RecipientInfo:
             "next_attempt_at": iso(self.next_attempt_at) if pending else None,
             "code": self.code or None,
             "reply": self.reply,
+            "lease": ({"owner": self.lease_owner, "until": iso(self.leased_until)}
+                      if self.lease_owner else None),
             "history": [a.as_json() for a in self.history],
         }
 

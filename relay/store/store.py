@@ -1,10 +1,10 @@
-"""The SQLite queue store: durable intake, delivery claims and results, operator views.
+"""The queue store: durable intake, delivery claims and results, operator views.
 
-One process holds one `Store`: a write connection owned by the writer task (group
-commit, see relay.store.writer) and a small pool of read connections, one caller each at
-a time (relay.store.readers). Other processes (the `relay queue` CLI) open their own
-`Store` on the same file; WAL lets readers run beside the writer, and writes from two
-processes wait for each other (busy_timeout).
+The logic is the same on every backend; a backend (relay.store.sqlite.backend, the
+embedded default, or relay.store.pg.backend, one queue for several nodes) brings the
+connections, its SQL (sql/<backend>/) and its error mapping. Every write goes through
+the backend's group-commit writer (relay.store.writer); every read runs in one read
+transaction (one snapshot) on a connection nobody else uses meanwhile.
 
 Every body is stored with its SHA-256 (in the same INSERT, so the same transaction), and
 `load_body` checks it: a body changed on disk raises CorruptMessage instead of going out.
@@ -16,22 +16,17 @@ import asyncio
 import hashlib
 import json
 import os
-import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
-
-import aiosqlite
+from typing import Any, Protocol, TypeVar
 
 from relay import log
 from relay.errors import CorruptMessage, NotFound, RelayError, StoreError
 from relay.model import Envelope
-from relay.store import errors as errs
-from relay.store import schema
+from relay.store.conn import Conn, Op
 from relay.store.ids import IdGenerator, recipient_domain
-from relay.store.readers import Readers, fetchall
 from relay.store.records import Job, JobResult, build_jobs
-from relay.store.sqlfiles import Q
+from relay.store.sqlfiles import Queries
 from relay.store.sts import StsStore
 from relay.store.tlsrpt import TlsRptStore
 from relay.store.views import StoreViews
@@ -41,6 +36,13 @@ T = TypeVar("T")
 HEADERS_MAX = 256 * 1024  # header section kept for NDRs, at most this many octets
 READERS = 4  # read connections per process (reads run side by side, one caller each)
 HASH_IN_THREAD = 1 << 20  # bodies larger than this are hashed off the event loop
+_MSG_COLS = ("id", "sender", "received_at", "size", "body", "headers", "smtputf8",
+             "body_8bit", "client_ip", "client_helo", "auth_user", "extra", "held",
+             "requiretls", "body_sha256", "held_reason")
+_RCPT_COLS = ("message_id", "address", "domain", "status", "attempts", "next_attempt_at",
+              "code", "reply", "updated_at", "ndr_state", "warned_at")
+_ATT_COLS = ("message_id", "address", "at", "mx", "ip", "dnssec", "tlsa", "tls", "dane",
+             "code", "reply", "policy")
 
 
 def header_section(body: bytes) -> bytes:
@@ -54,17 +56,38 @@ def body_digest(body: bytes) -> bytes:
     return hashlib.sha256(body).digest()
 
 
+async def _digest(body: bytes) -> bytes:
+    if len(body) > HASH_IN_THREAD:
+        return await asyncio.to_thread(body_digest, body)
+    return body_digest(body)
+
+
 class _AlreadyDone(RelayError):
     """A notice's recipients were marked by someone else first (rolls back its insert)."""
 
 
-class Store(TlsRptStore, StsStore, StoreViews):
-    """Open with `await Store.open(path)`; close with `await store.close()`."""
+class Backend(Protocol):
+    kind: str  # "sqlite" | "postgresql"
+    where: str  # the file or the URL (without password), for messages
+    q: Queries
+    writer: Writer
 
-    def __init__(self, path: Path, writer: Writer, readers: Readers) -> None:
-        self.path = path
-        self._writer = writer
-        self._readers = readers
+    async def read(self, fn: Op) -> Any:
+        """`fn(conn)` in one read transaction on a connection of its own."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Store(TlsRptStore, StsStore, StoreViews):
+    """Open with `await Store.open(path)` (SQLite), `await Store.open_url(url)`
+    (PostgreSQL) or `await open_store(queue_config)`; close with `await store.close()`."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.path = Path(backend.where) if backend.kind == "sqlite" else None
+        self._writer = backend.writer
+        self._q = backend.q
         self._ids = IdGenerator()
         self.new_work = asyncio.Event()  # set after new mail commits (and retry/release)
         self._closed = False
@@ -83,53 +106,47 @@ class Store(TlsRptStore, StsStore, StoreViews):
         create: bool = True,
         readers: int = READERS,
     ) -> Store:
-        """Open (creating it and its folder if needed) and migrate the queue database.
+        """Open (creating it and its folder if needed) and migrate a SQLite queue.
 
         `check`: run `PRAGMA quick_check` first (CorruptDatabase if it fails).
         `create=False`: a missing file is an error instead of a new queue.
         `max_page_count`: a page limit for the writer (tests simulate a full disk).
         """
-        db = _prepare(Path(path), create)
+        from relay.store.sqlite.backend import SqliteBackend
 
-        async def connect_writer() -> aiosqlite.Connection:
-            return await schema.connect(db, busy_timeout=busy_timeout,
-                                        max_page_count=max_page_count)
-
-        conn: aiosqlite.Connection | None = None
-        first: sqlite3.Connection | None = None
-        try:
-            conn = await connect_writer()
-            if check:
-                await schema.quick_check(conn, db)
-            await schema.migrate(conn, db)
-            # the first read connection, opened now so that a file that cannot be read
-            # fails here; the pool opens the others when reads need them
-            first = await asyncio.to_thread(schema.connect_reader, db,
-                                            busy_timeout=busy_timeout)
-        except (sqlite3.Error, OSError, StoreError) as exc:
-            if conn is not None:
-                await conn.close()
-            raise errs.open_error(exc, db) from None
-        store: Store
-
-        def on_commit(inserted: bool) -> None:
-            if inserted:
-                store.new_work.set()
-
-        writer = Writer(db, connect_writer, conn, batch_max=commit_batch, on_commit=on_commit)
-        pool = Readers(lambda: schema.connect_reader(db, busy_timeout=busy_timeout), readers,
-                       first=first)
-        store = cls(db, writer, pool)
-        writer.start()
+        holder: list[Store] = []
+        backend = await SqliteBackend.open(
+            path, commit_batch=commit_batch, busy_timeout=busy_timeout,
+            max_page_count=max_page_count, check=check, create=create, readers=readers,
+            on_commit=lambda inserted: holder[0]._committed(inserted) if holder else None)
+        store = cls(backend)
+        holder.append(store)
         return store
+
+    @classmethod
+    async def open_url(cls, url: str, *, commit_batch: int = 512, readers: int = READERS,
+                       connect_timeout: float = 10.0) -> Store:
+        """Open (and migrate) a queue on PostgreSQL, shared with other relay nodes."""
+        from relay.store.pg.backend import PgBackend
+
+        holder: list[Store] = []
+        backend = await PgBackend.open(
+            url, commit_batch=commit_batch, readers=readers, connect_timeout=connect_timeout,
+            on_commit=lambda inserted: holder[0]._committed(inserted) if holder else None)
+        store = cls(backend)
+        holder.append(store)
+        return store
+
+    def _committed(self, inserted: bool) -> None:
+        if inserted:
+            self.new_work.set()
 
     async def close(self) -> None:
         """Finish the writes already submitted and the reads in progress, then close."""
         if self._closed:
             return
         self._closed = True
-        await self._writer.close()
-        await self._readers.close()
+        await self.backend.close()
 
     async def __aenter__(self) -> Store:
         return self
@@ -143,24 +160,32 @@ class Store(TlsRptStore, StsStore, StoreViews):
         return self._writer.commits
 
     async def set_max_page_count(self, pages: int) -> int:
-        """Change the writer's page limit (a full-disk simulation for tests)."""
+        """Change the writer's page limit (a full-disk simulation for SQLite tests)."""
+        fn = getattr(self.backend, "set_max_page_count", None)
+        if fn is None:
+            raise StoreError(f"{self.backend.kind}: no page limit to set")
+        return int(await fn(pages))
 
-        async def op(conn: aiosqlite.Connection) -> int:
-            return await schema.set_max_page_count(conn, pages)
-
-        return int(await self._writer.run(op))
+    async def backup(self, target: str | os.PathLike[str]) -> Path:
+        """A consistent copy of a SQLite queue (safe while running); see the backend."""
+        fn = getattr(self.backend, "backup", None)
+        if fn is None:
+            raise StoreError(f"relay queue backup copies a SQLite queue; back up a "
+                             f"{self.backend.kind} queue with its own tools (pg_dump, "
+                             "a standby)")
+        return Path(await fn(target))
 
     # --- reads --------------------------------------------------------------------------
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         """`fn(conn)` in one read transaction (one snapshot) on a connection of its own."""
-        try:
-            return await self._readers.run(fn)
-        except (sqlite3.Error, ValueError) as exc:
-            raise errs.storage_error(exc, self.path) from None
+        return await self.backend.read(fn)  # type: ignore[no-any-return]
 
     async def _fetchall(self, sql: str, params: Any = ()) -> list[Any]:
-        return await self._read(fetchall(sql, params))
+        async def fn(conn: Conn) -> list[Any]:
+            return await conn.fetchall(sql, params)
+
+        return await self._read(fn)
 
     async def _fetchone(self, sql: str, params: Any = ()) -> Any:
         rows = await self._fetchall(sql, params)
@@ -189,10 +214,7 @@ class Store(TlsRptStore, StsStore, StoreViews):
         if not envelope.recipients:
             raise StoreError("a message needs at least one recipient")
         body = envelope.body
-        if len(body) > HASH_IN_THREAD:
-            digest = await asyncio.to_thread(body_digest, body)
-        else:
-            digest = body_digest(body)
+        digest = await _digest(body)
         message = (
             qid, envelope.sender, now, len(body), body, header_section(body),
             int(envelope.smtputf8), int(envelope.body_8bit), envelope.client_ip,
@@ -219,16 +241,15 @@ class Store(TlsRptStore, StsStore, StoreViews):
         """
         qid = self._ids.next(now)
         message, recipients = await self._rows(envelope, qid, now)
-        mark = {"ndr": Q.mark_ndr_sent, "delay": Q.mark_warned}[kind]
+        mark = {"ndr": self._q.mark_ndr_sent, "delay": self._q.mark_warned}[kind]
         ids = json.dumps(sorted(set(covers)))
         want = len(set(covers))
+        dialect = self._writer.dialect
 
-        async def op(conn: aiosqlite.Connection) -> str:
-            cur = await conn.execute(mark, {"ids": ids, "now": now})
-            if cur.rowcount != want:
+        async def op(conn: Conn) -> str:
+            if await conn.execute(mark, {"ids": ids, "now": now}) != want:
                 raise _AlreadyDone(qid)
-            await conn.execute(Q.insert_message, message)
-            await conn.executemany(Q.insert_recipient, recipients)
+            await dialect.insert(conn, [message], recipients)
             return qid
 
         try:
@@ -250,15 +271,13 @@ class Store(TlsRptStore, StsStore, StoreViews):
         with more than `max_recipients` recipients is split into several jobs.
         """
         params = {"now": now, "owner": owner, "until": now + lease_seconds,
-                  "limit": limit, "scan": max(limit * 4, 64)}
+                  "lease": lease_seconds, "limit": limit, "scan": max(limit * 4, 64)}
+        Q = self._q
 
-        async def op(conn: aiosqlite.Connection) -> tuple[list[Any], list[Any]]:
-            async with conn.execute(Q.claim, params) as cur:
-                rows = list(await cur.fetchall())
+        async def op(conn: Conn) -> tuple[list[Any], list[Any]]:
+            rows = await conn.fetchall(Q.claim, params)
             ids = sorted({r[1] for r in rows})
-            async with conn.execute(Q.job_messages, {"ids": json.dumps(ids)}) as cur:
-                msgs = list(await cur.fetchall())
-            return rows, msgs
+            return rows, await conn.fetchall(Q.job_messages, {"ids": json.dumps(ids)})
 
         rows, msgs = await self._writer.run(op)
         return build_jobs(rows, msgs, max_recipients)
@@ -270,24 +289,27 @@ class Store(TlsRptStore, StsStore, StoreViews):
         is claimed again at its next round, not in a tight loop)."""
         ids = None if recipient_ids is None else json.dumps(list(recipient_ids))
 
-        async def op(conn: aiosqlite.Connection) -> int:
-            cur = await conn.execute(Q.unlease, {"owner": owner, "ids": ids})
-            return cur.rowcount
+        Q = self._q
+
+        async def op(conn: Conn) -> int:
+            return await conn.execute(Q.unlease, {"owner": owner, "ids": ids})
 
         count = int(await self._writer.run(op))
         if count and wake:
             self.new_work.set()
         return count
 
-    async def renew_lease(self, owner: str, recipient_ids: Iterable[int], *,
-                          until: float) -> int:
-        """Push the lease of work still in progress forward; returns rows renewed."""
-        ids = json.dumps(list(recipient_ids))
+    async def renew_lease(self, owner: str, recipient_ids: Iterable[int], *, now: float,
+                          lease: float) -> int:
+        """Push the lease of work still in progress `lease` seconds forward (from `now`,
+        or from the database's clock on a shared queue); returns rows renewed: fewer than
+        asked means the lease was lost."""
+        params = {"owner": owner, "ids": json.dumps(list(recipient_ids)),
+                  "until": now + lease, "lease": lease}
+        Q = self._q
 
-        async def op(conn: aiosqlite.Connection) -> int:
-            cur = await conn.execute(Q.renew_lease, {"owner": owner, "ids": ids,
-                                                     "until": until})
-            return cur.rowcount
+        async def op(conn: Conn) -> int:
+            return await conn.execute(Q.renew_lease, params)
 
         return int(await self._writer.run(op))
 
@@ -296,64 +318,64 @@ class Store(TlsRptStore, StsStore, StoreViews):
 
         NotFound: the message is gone, or its work was finished meanwhile (body dropped).
         CorruptMessage: the body no longer matches its digest, or is missing while
-        recipients still wait for it. The check runs in the reader's thread.
+        recipients still wait for it.
         """
-
-        def fn(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
-            row = conn.execute(Q.load_body, {"id": message_id}).fetchone()
-            if row is None or row[0] is None or row[1] is None:
-                return row
-            body = bytes(row[0])
-            return body, bytes(row[1]), row[2], body_digest(body)
-
-        row = await self._read(fn)
+        row = await self._fetchone(self._q.load_body, {"id": message_id})
         if row is None:
             raise NotFound(f"no message with queue id {message_id}")
-        body, digest, waiting = row[0], row[1], row[2]
+        body = None if row[0] is None else bytes(row[0])
+        digest = None if row[1] is None else bytes(row[1])
+        waiting = row[2]
         if body is None:
             if not waiting:
                 raise NotFound(f"message {message_id} has no recipient left to deliver to")
             raise CorruptMessage(
-                f"queue database {self.path}: message {message_id} has lost its body",
+                f"queue database {self.backend.where}: message {message_id} has lost its body",
                 message_id=message_id, detail="body missing while recipients wait for it")
-        if digest is not None and row[3] != digest:
+        read = await _digest(body) if digest is not None else None
+        if digest is not None and read != digest:
+            assert read is not None
             raise CorruptMessage(
-                f"queue database {self.path}: the body of {message_id} does not match the "
-                "digest stored when it was accepted", message_id=message_id,
+                f"queue database {self.backend.where}: the body of {message_id} does not "
+                "match the digest stored when it was accepted", message_id=message_id,
                 detail=f"body digest mismatch: stored sha256 {digest.hex()[:16]}…, "
-                       f"read {row[3].hex()[:16]}… ({len(body)} octets)")
-        return bytes(body)
+                       f"read {read.hex()[:16]}… ({len(body)} octets)")
+        return body
 
     async def load_headers(self, message_id: str) -> bytes:
         """The original header section (kept after the body is dropped, for NDRs)."""
-        row = await self._fetchone(Q.load_headers, {"id": message_id})
+        row = await self._fetchone(self._q.load_headers, {"id": message_id})
         if row is None:
             raise NotFound(f"no message with queue id {message_id}")
         return bytes(row[0])
 
-    async def record(self, results: Iterable[JobResult], *, now: float) -> None:
+    async def record(self, results: Iterable[JobResult], *, now: float,
+                     owner: str | None = None) -> None:
         """Write the outcome of jobs in one transaction: recipient states, trace rows.
 
         Leases are cleared; a recipient that is already final is not changed (work
         whose lease expired may have been done twice); the body of a message goes when
-        all its recipients are final.
+        all its recipients are final. With `owner` the write is fenced: only recipients
+        still leased to `owner` change, and only their trace is kept.
         """
         results = list(results)
         updates = [
             {"id": u.recipient_id, "status": str(u.status), "code": u.code, "reply": u.reply,
              "next_attempt_at": u.next_attempt_at, "attempts": u.attempts,
-             "ndr_state": u.ndr_state, "warned_at": u.warned_at, "now": now}
+             "ndr_state": u.ndr_state, "warned_at": u.warned_at, "now": now,
+             "owner": owner}
             for res in results for u in res.updates
         ]
         traces = [
             {"recipient_id": a.recipient_id, "at": a.at, "mx": a.mx, "ip": a.ip,
              "dnssec": a.dnssec, "tlsa": a.tlsa, "tls": a.tls, "dane": a.dane,
-             "code": a.code, "reply": a.reply, "policy": a.policy}
+             "code": a.code, "reply": a.reply, "policy": a.policy, "owner": owner}
             for res in results for a in res.attempts
         ]
         ids = json.dumps(sorted({res.message_id for res in results}))
+        Q = self._q
 
-        async def op(conn: aiosqlite.Connection) -> None:
+        async def op(conn: Conn) -> None:
             if traces:
                 await conn.executemany(Q.insert_attempt, traces)
             if updates:
@@ -365,8 +387,9 @@ class Store(TlsRptStore, StsStore, StoreViews):
     async def set_ndr_state(self, recipient_ids: Iterable[int], state: str, *,
                             now: float) -> None:
         rows = [{"id": rid, "ndr_state": state, "now": now} for rid in recipient_ids]
+        Q = self._q
 
-        async def op(conn: aiosqlite.Connection) -> None:
+        async def op(conn: Conn) -> None:
             await conn.executemany(Q.set_ndr_state, rows)
 
         await self._writer.run(op)
@@ -377,22 +400,118 @@ class Store(TlsRptStore, StsStore, StoreViews):
         Work changed by another process (`relay queue retry` from the CLI) is not
         signalled through `new_work`: sleep at most `delivery.poll_interval`.
         """
-        def fn(conn: sqlite3.Connection) -> list[Any]:
-            return [conn.execute(q).fetchone() for q in (Q.next_due_unleased,
-                                                         Q.next_due_leased)]
+        Q = self._q
+
+        async def fn(conn: Conn) -> list[Any]:
+            return [await conn.fetchone(q) for q in (Q.next_due_unleased, Q.next_due_leased)]
 
         times = [r[0] for r in await self._read(fn) if r is not None and r[0] is not None]
         return min(times) if times else None
 
     async def pending_ndrs(self, *, limit: int = 500) -> list[str]:
         """Messages whose recipients are all final and that still owe an NDR."""
-        return [r[0] for r in await self._fetchall(Q.pending_ndrs, {"limit": limit})]
+        return [r[0] for r in await self._fetchall(self._q.pending_ndrs, {"limit": limit})]
 
     async def pending_delay_warnings(self, *, before: float, limit: int = 500) -> list[str]:
         """Messages received before `before` with a deferred recipient not yet warned."""
-        rows = await self._fetchall(Q.pending_delay_warnings,
+        rows = await self._fetchall(self._q.pending_delay_warnings,
                                     {"before": before, "limit": limit})
         return [r[0] for r in rows]
+
+    # --- moving mail between queues -------------------------------------------------
+
+    async def import_from(self, source: Store, *, batch: int = 200,
+                          progress: Callable[[int, int], None] | None = None
+                          ) -> tuple[int, int]:
+        """Move the mail with work left from `source` into this store (`relay queue
+        import`): messages, bodies, recipients with their state and plan, and the trace.
+        Leases are not moved (the source's node is gone). Each batch is committed here
+        before it is deleted from `source`, so a crash in between leaves a copy in both
+        (moved again later: a message already here is skipped), never in neither.
+        Returns (messages moved, recipients moved)."""
+        moved = recipients = 0
+        after: str | None = ""
+        while after is not None:
+            n_msgs, n_rcpts, after = await self._import_page(source, after, batch)
+            moved += n_msgs
+            recipients += n_rcpts
+            if n_msgs:
+                self.new_work.set()
+            if progress is not None:
+                progress(moved, recipients)
+        return moved, recipients
+
+    async def _import_page(self, source: Store, after: str, batch: int
+                           ) -> tuple[int, int, str | None]:
+        src, dst = source._q, self._q
+
+        async def export(conn: Conn) -> tuple[list[Any], list[Any], list[Any]]:
+            msgs = await conn.fetchall(src.export_messages, {"after": after, "limit": batch})
+            ids = json.dumps([m[0] for m in msgs])
+            return (msgs, await conn.fetchall(src.export_recipients, {"ids": ids}),
+                    await conn.fetchall(src.export_attempts, {"ids": ids}))
+
+        msgs, rcpts, atts = await source._read(export)
+        if not msgs:
+            return 0, 0, None
+
+        async def load(conn: Conn) -> tuple[int, int]:
+            new: set[str] = set()
+            for m in msgs:
+                row = dict(zip(_MSG_COLS, m, strict=True))
+                if await conn.fetchone(dst.import_message, row) is not None:
+                    new.add(m[0])
+            rows = [dict(zip(_RCPT_COLS, r, strict=True)) for r in rcpts if r[0] in new]
+            await conn.executemany(dst.import_recipient, rows)
+            await conn.executemany(dst.import_attempt, [
+                dict(zip(_ATT_COLS, a, strict=True)) for a in atts if a[0] in new])
+            return len(new), len(rows)
+
+        n_msgs, n_rcpts = await self._writer.run(load)
+        ids = json.dumps([m[0] for m in msgs])
+
+        async def drop(conn: Conn) -> None:  # only once the copy here is committed
+            await conn.execute(src.export_delete, {"ids": ids})
+
+        await source._writer.run(drop)
+        return n_msgs, n_rcpts, str(msgs[-1][0])
+
+    # --- cluster ------------------------------------------------------------------------
+
+    async def singleton(self, name: str, owner: str, *, now: float, ttl: float) -> bool:
+        """Take (or renew) the named lease for `ttl` seconds: True while `owner` holds it.
+        Work that must run once per cluster runs only on the holder."""
+
+        async def op(conn: Conn) -> bool:
+            return await conn.fetchone(self._q.singleton_take, {
+                "name": name, "owner": owner, "now": now, "ttl": ttl}) is not None
+
+        return bool(await self._writer.run(op))
+
+    async def release_singleton(self, name: str, owner: str) -> None:
+        async def op(conn: Conn) -> None:
+            await conn.execute(self._q.singleton_release, {"name": name, "owner": owner})
+
+        await self._writer.run(op)
+
+    async def singletons(self) -> list[tuple[str, str, float]]:
+        return [(r[0], r[1], r[2]) for r in await self._fetchall(self._q.singleton_list)]
+
+    async def node_seen(self, owner: str, node: str, *, started_at: float, now: float
+                        ) -> None:
+        """A node's heartbeat (operators see the nodes of a shared queue)."""
+        params = {"owner": owner, "node": node, "started_at": started_at, "now": now}
+
+        async def op(conn: Conn) -> None:
+            await conn.execute(self._q.node_seen, params)
+
+        await self._writer.run(op)
+
+    async def nodes(self, *, now: float) -> list[dict[str, Any]]:
+        """The nodes seen, with how long ago (by the database's clock where it has one)."""
+        rows = await self._fetchall(self._q.node_list, {"now": now})
+        return [{"owner": r[0], "node": r[1], "started_at": r[2], "seen_at": r[3],
+                 "seen_ago": max(0.0, r[4] - r[3])} for r in rows]
 
     # --- operator -----------------------------------------------------------------------
 
@@ -403,15 +522,14 @@ class Store(TlsRptStore, StsStore, StoreViews):
         left alone). Raises NotFound for an unknown queue id.
         """
 
-        async def op(conn: aiosqlite.Connection) -> int:
+        Q = self._q
+
+        async def op(conn: Conn) -> int:
             if message_id is None:
-                cur = await conn.execute(Q.retry_all, {"now": now})
-                return cur.rowcount
-            async with conn.execute(Q.message_exists, {"id": message_id}) as cur:
-                if await cur.fetchone() is None:
-                    raise NotFound(f"no message with queue id {message_id}")
-            cur = await conn.execute(Q.retry_message, {"id": message_id, "now": now})
-            return cur.rowcount
+                return await conn.execute(Q.retry_all, {"now": now})
+            if await conn.fetchone(Q.message_exists, {"id": message_id}) is None:
+                raise NotFound(f"no message with queue id {message_id}")
+            return await conn.execute(Q.retry_message, {"id": message_id, "now": now})
 
         count = int(await self._writer.run(op))
         log.event("queue_op", op="retry", id=message_id or "*", count=count)
@@ -420,9 +538,8 @@ class Store(TlsRptStore, StsStore, StoreViews):
         return count
 
     async def _change(self, name: str, sql: str, params: dict[str, Any]) -> bool:
-        async def op(conn: aiosqlite.Connection) -> int:
-            cur = await conn.execute(sql, params)
-            return cur.rowcount
+        async def op(conn: Conn) -> int:
+            return await conn.execute(sql, params)
 
         found = int(await self._writer.run(op)) > 0
         if found:
@@ -431,12 +548,12 @@ class Store(TlsRptStore, StsStore, StoreViews):
 
     async def delete(self, message_id: str) -> bool:
         """Remove a message with its recipients and trace; False if there was none."""
-        return await self._change("delete", Q.delete_message, {"id": message_id})
+        return await self._change("delete", self._q.delete_message, {"id": message_id})
 
     async def hold(self, message_id: str, *, reason: str = "") -> bool:
         """Keep a message out of delivery until released; False if there is none.
         An operator's hold has no reason (shown as plain "held")."""
-        return await self._change("hold", Q.set_held,
+        return await self._change("hold", self._q.set_held,
                                   {"id": message_id, "held": 1, "reason": reason})
 
     async def hold_corrupt(self, message_id: str, *, reason: str, owner: str) -> bool:
@@ -444,16 +561,18 @@ class Store(TlsRptStore, StsStore, StoreViews):
         with `reason`; never delivered, bounced or deleted by the relay) and give back
         `owner`'s leases on it. False if the message is gone."""
 
-        async def op(conn: aiosqlite.Connection) -> int:
-            cur = await conn.execute(Q.set_held, {"id": message_id, "held": 1,
-                                                  "reason": reason})
+        Q = self._q
+
+        async def op(conn: Conn) -> int:
+            count = await conn.execute(self._q.set_held, {"id": message_id, "held": 1,
+                                                    "reason": reason})
             await conn.execute(Q.unlease_message, {"id": message_id, "owner": owner})
-            return cur.rowcount
+            return count
 
         return int(await self._writer.run(op)) > 0
 
     async def release(self, message_id: str) -> bool:
-        found = await self._change("release", Q.set_held,
+        found = await self._change("release", self._q.set_held,
                                    {"id": message_id, "held": 0, "reason": ""})
         if found:
             self.new_work.set()
@@ -461,25 +580,14 @@ class Store(TlsRptStore, StsStore, StoreViews):
 
     async def purge(self, *, now: float, retention: float) -> int:
         """Delete finished messages (and their trace) finished more than `retention` ago."""
-        count = int(await self._writer.run(_purge_op(now - retention)))
+        cutoff = now - retention
+        Q = self._q
+
+        async def op(conn: Conn) -> int:
+            return await conn.execute(Q.purge, {"cutoff": cutoff})
+
+        count = int(await self._writer.run(op))
         if count:
             log.event("purged", count=count)
         return count
 
-
-def _prepare(db: Path, create: bool) -> Path:
-    if not create and not db.exists():
-        raise StoreError(f"queue database {db} does not exist (check queue.path)")
-    try:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise errs.storage_error(exc, db) from None
-    return db
-
-
-def _purge_op(cutoff: float) -> Callable[[aiosqlite.Connection], Awaitable[int]]:
-    async def op(conn: aiosqlite.Connection) -> int:
-        cur = await conn.execute(Q.purge, {"cutoff": cutoff})
-        return cur.rowcount
-
-    return op

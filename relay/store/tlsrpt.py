@@ -1,6 +1,6 @@
 """The store's part of TLS reporting (RFC 8460): periods, aggregated results, reports.
 
-A mixin of relay.store.Store (it uses the store's writer and reader pool). Results
+A mixin of relay.store.Store (it uses the store's writer and reads). Results
 are counted, not listed: recording a session is one upsert that adds 1 to the row of
 its key (period, policy, MX host, result type, addresses), submitted without waiting so
 that it shares the group commit of the job's own record. See sql/002_tlsrpt.sql.
@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiosqlite
-
 from relay.model import SessionResult
+from relay.store.conn import Conn
 from relay.store.periods import cut_end, new_period
-from relay.store.sqlfiles import Q
+from relay.store.sqlfiles import Queries
 from relay.store.writer import Writer
 
 
@@ -51,15 +49,11 @@ def _result(row: Sequence[Any]) -> SessionResult:
                          detail=row[7], count=int(row[8]))
 
 
-async def _one(conn: aiosqlite.Connection, sql: str, params: Any) -> Any:
-    async with conn.execute(sql, params) as cur:
-        return await cur.fetchone()
-
-
 class TlsRptStore:
-    """Mixed into Store: needs `_writer`, `_fetchall` and `_read` (one snapshot)."""
+    """Mixed into Store: needs `_writer`, `_q`, `_fetchall` and `_read` (one snapshot)."""
 
     _writer: Writer
+    _q: Queries
     _fetchall: Callable[..., Awaitable[list[Any]]]
     _read: Callable[..., Awaitable[Any]]
 
@@ -76,7 +70,9 @@ class TlsRptStore:
         time) when the write runs, so that everything recorded until then goes in one
         upsert: many jobs' results share one operation of the group commit."""
 
-        async def op(conn: aiosqlite.Connection) -> int:
+        Q = self._q
+
+        async def op(conn: Conn) -> int:
             results, now = take()
             merged: dict[tuple[Any, ...], dict[str, Any]] = {}
             for r in results:
@@ -94,14 +90,17 @@ class TlsRptStore:
                     row["count"] += r.count
             if not merged:
                 return 0
-            row = await _one(conn, Q.tlsrpt_open_period, {"now": now})
+            row = await conn.fetchone(Q.tlsrpt_open_period, {"now": now})
             if row is not None:
                 pid = int(row[0])
             else:
-                last = await _one(conn, Q.tlsrpt_last_end, {})
+                last = await conn.fetchone(Q.tlsrpt_last_end, {})
                 begin, end = new_period(now, interval, last[0] if last else None)
-                pid = int((await _one(conn, Q.tlsrpt_insert_period,
-                                      {"begin": begin, "end": end}))[0])
+                # another node may open the same period at once: its row is used then
+                await conn.execute(Q.tlsrpt_insert_period, {"begin": begin, "end": end})
+                got = await conn.fetchone(Q.tlsrpt_period_at, {"begin": begin})
+                assert got is not None
+                pid = int(got[0])
             rows = list(merged.values())
             for r in rows:
                 r["period_id"] = pid
@@ -117,18 +116,20 @@ class TlsRptStore:
         `delay()` seconds after the period's end (at once with `cut`). Returns the ids of
         the periods closed."""
 
-        async def op(conn: aiosqlite.Connection) -> list[int]:
-            async with conn.execute(Q.tlsrpt_periods_to_close,
-                                    {"now": now, "cut": int(cut)}) as cur:
-                periods = list(await cur.fetchall())
+        Q = self._q
+
+        async def op(conn: Conn) -> list[int]:
+            periods = await conn.fetchall(Q.tlsrpt_periods_to_close,
+                                          {"now": now, "cut": int(cut)})
             closed = []
             for pid, begin, end in periods:
                 if cut:
                     end = max(min(end, cut_end(now)), begin + 1)
-                async with conn.execute(Q.tlsrpt_period_domains, {"id": pid}) as cur:
-                    domains = [r[0] for r in await cur.fetchall()]
-                await conn.execute(Q.tlsrpt_close_period, {"id": pid, "now": now,
-                                                           "end_at": end})
+                domains = [r[0] for r in
+                           await conn.fetchall(Q.tlsrpt_period_domains, {"id": pid})]
+                if not await conn.execute(Q.tlsrpt_close_period,
+                                          {"id": pid, "now": now, "end_at": end}):
+                    continue  # closed meanwhile by another node
                 for domain in domains:
                     due = now if cut else end + max(0.0, delay())
                     await conn.execute(Q.tlsrpt_insert_report, {
@@ -142,25 +143,26 @@ class TlsRptStore:
     async def tlsrpt_claim(self, *, now: float, owner: str, lease: float, limit: int = 50
                            ) -> list[ReportTask]:
         """Lease due pending reports (another process may be sending too)."""
-        params = {"now": now, "owner": owner, "until": now + lease, "limit": limit,
-                  "period_id": None}
+        params = {"now": now, "owner": owner, "until": now + lease, "lease": lease,
+                  "limit": limit, "period_id": None}
 
-        async def op(conn: aiosqlite.Connection) -> list[Any]:
-            async with conn.execute(Q.tlsrpt_claim_reports, params) as cur:
-                return list(await cur.fetchall())
+        Q = self._q
+
+        async def op(conn: Conn) -> list[Any]:
+            return await conn.fetchall(Q.tlsrpt_claim_reports, params)
 
         rows = await self._writer.run(op)
         return [ReportTask(int(r[0]), int(r[1]), r[2], r[3], r[4], r[5], int(r[6]))
                 for r in sorted(rows, key=lambda r: (r[5], r[0]))]
 
     async def tlsrpt_results(self, period_id: int, policy_domain: str) -> list[SessionResult]:
-        rows = await self._fetchall(Q.tlsrpt_report_results,
+        rows = await self._fetchall(self._q.tlsrpt_report_results,
                                     {"period_id": period_id, "policy_domain": policy_domain})
         return [_result(r) for r in rows]
 
     async def tlsrpt_sends(self, report_id: int) -> dict[str, tuple[str, str]]:
         """{uri: (state, detail)} of a report's destinations tried so far."""
-        rows = await self._fetchall(Q.tlsrpt_report_sends, {"id": report_id})
+        rows = await self._fetchall(self._q.tlsrpt_report_sends, {"id": report_id})
         return {r[0]: (r[1], r[2]) for r in rows}
 
     async def tlsrpt_set_send(self, report_id: int, uri: str, state: str, detail: str, *,
@@ -168,7 +170,9 @@ class TlsRptStore:
         params = {"report_id": report_id, "uri": uri, "state": state, "detail": detail,
                   "at": now}
 
-        async def op(conn: aiosqlite.Connection) -> None:
+        Q = self._q
+
+        async def op(conn: Conn) -> None:
             await conn.execute(Q.tlsrpt_set_send, params)
 
         await self._writer.run(op)
@@ -181,15 +185,19 @@ class TlsRptStore:
                   "next_attempt_at": next_attempt_at, "report_id": rid, "detail": detail,
                   "now": now}
 
-        async def op(conn: aiosqlite.Connection) -> None:
+        Q = self._q
+
+        async def op(conn: Conn) -> None:
             await conn.execute(Q.tlsrpt_update_report, params)
 
         await self._writer.run(op)
 
     async def tlsrpt_next_wakeup(self) -> float | None:
         """When the reporter has something to do: a period ends or a report is due."""
-        def fn(conn: sqlite3.Connection) -> list[Any]:
-            return [conn.execute(q).fetchone()
+        Q = self._q
+
+        async def fn(conn: Conn) -> list[Any]:
+            return [await conn.fetchone(q)
                     for q in (Q.tlsrpt_next_report, Q.tlsrpt_next_period_end)]
 
         times = [r[0] for r in await self._read(fn) if r is not None and r[0] is not None]
@@ -197,9 +205,11 @@ class TlsRptStore:
 
     async def tlsrpt_open(self) -> list[OpenPeriod]:
         """The periods still open, with what has been counted in them."""
-        def fn(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
-            return (conn.execute(Q.tlsrpt_open_periods).fetchall(),
-                    conn.execute(Q.tlsrpt_open_results).fetchall())
+        Q = self._q
+
+        async def fn(conn: Conn) -> tuple[list[Any], list[Any]]:  # one snapshot
+            return (await conn.fetchall(Q.tlsrpt_open_periods),
+                    await conn.fetchall(Q.tlsrpt_open_results))
 
         period_rows, result_rows = await self._read(fn)
         periods = {int(r[0]): (r[1], r[2]) for r in period_rows}
@@ -211,7 +221,7 @@ class TlsRptStore:
     async def tlsrpt_reports(self, *, limit: int = 100) -> list[dict[str, Any]]:
         """The latest reports, newest first, with their destinations."""
         out = []
-        for r in await self._fetchall(Q.tlsrpt_list_reports, {"limit": limit}):
+        for r in await self._fetchall(self._q.tlsrpt_list_reports, {"limit": limit}):
             out.append({"id": r[0], "policy_domain": r[1], "begin": r[2], "end": r[3],
                         "due_at": r[4], "next_attempt_at": r[5], "state": r[6],
                         "attempts": r[7], "report_id": r[8], "detail": r[9],
@@ -222,8 +232,9 @@ class TlsRptStore:
         """Drop closed periods (results, reports, sends) closed before `before` whose
         reports are all done."""
 
-        async def op(conn: aiosqlite.Connection) -> int:
-            cur = await conn.execute(Q.tlsrpt_purge, {"before": before})
-            return cur.rowcount
+        Q = self._q
+
+        async def op(conn: Conn) -> int:
+            return await conn.execute(Q.tlsrpt_purge, {"before": before})
 
         return int(await self._writer.run(op))

@@ -1,36 +1,29 @@
-"""The store's operator views: `queue list`, `queue show`, `queue stats`, and the backup.
+"""The store's operator views: `queue list`, `queue show`, `queue stats`.
 
-A mixin of relay.store.Store. Each view is one read function run by the reader pool
-(relay.store.readers): however many statements it has, they see one snapshot, on a
-connection nobody else uses meanwhile.
+A mixin of relay.store.Store. Each view is one read (`_read`): however many statements
+it has, they see one snapshot, on a connection nobody else uses meanwhile.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sqlite3
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
-from relay.errors import NotFound, StoreError
+from relay.errors import NotFound
 from relay.model import RecipientStatus
-from relay.store import errors as errs
+from relay.store.conn import Conn
 from relay.store.ids import recipient_domain
-from relay.store.readers import Readers
 from relay.store.records import Attempt, MessageInfo, RecipientInfo, Stats
-from relay.store.sqlfiles import Q
+from relay.store.sqlfiles import Queries
 
 T = TypeVar("T")
 
 
 class StoreViews:
-    """Mixed into Store: needs `path`, `_readers` and `_read`."""
+    """Mixed into Store: needs `_q` and `_read`."""
 
-    path: Path
-    _readers: Readers
+    _q: Queries
     _read: Callable[..., Awaitable[Any]]
 
     async def list_messages(
@@ -47,10 +40,12 @@ class StoreViews:
                   "domain": recipient_domain("@" + domain) if domain else None,
                   "code": code, "sender": sender, "recipient": recipient}
 
-        def fn(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
-            msgs = conn.execute(Q.list_messages, params).fetchall()
+        Q = self._q
+
+        async def fn(conn: Conn) -> tuple[list[Any], list[Any]]:
+            msgs = await conn.fetchall(Q.list_messages, params)
             ids = json.dumps([m[0] for m in msgs])
-            return msgs, conn.execute(Q.list_recipients, {"ids": ids}).fetchall()
+            return msgs, await conn.fetchall(Q.list_recipients, {"ids": ids})
 
         msgs, rcpts = await self._read(fn)
         by_msg: dict[str, list[RecipientInfo]] = {}
@@ -68,11 +63,12 @@ class StoreViews:
     async def get_message(self, message_id: str) -> MessageInfo:
         """One message with every recipient and its attempt history (NotFound if none)."""
         p = {"id": message_id}
+        Q = self._q
 
-        def fn(conn: sqlite3.Connection) -> tuple[Any, list[Any], list[Any]]:
-            return (conn.execute(Q.get_message, p).fetchone(),
-                    conn.execute(Q.get_recipients, p).fetchall(),
-                    conn.execute(Q.get_attempts, p).fetchall())
+        async def fn(conn: Conn) -> tuple[Any, list[Any], list[Any]]:
+            return (await conn.fetchone(Q.get_message, p),
+                    await conn.fetchall(Q.get_recipients, p),
+                    await conn.fetchall(Q.get_attempts, p))
 
         msg, rcpts, atts = await self._read(fn)
         if msg is None:
@@ -98,12 +94,14 @@ class StoreViews:
         )
 
     async def stats(self, *, now: float, top: int = 10) -> Stats:
-        def fn(conn: sqlite3.Connection) -> tuple[Any, ...]:
-            return (conn.execute(Q.stats_by_status).fetchall(),
-                    conn.execute(Q.stats_by_code).fetchall(),
-                    conn.execute(Q.stats_messages).fetchone(),
-                    conn.execute(Q.stats_finished).fetchone(),
-                    conn.execute(Q.stats_top_deferred, {"limit": top}).fetchall())
+        Q = self._q
+
+        async def fn(conn: Conn) -> tuple[Any, ...]:
+            return (await conn.fetchall(Q.stats_by_status),
+                    await conn.fetchall(Q.stats_by_code),
+                    await conn.fetchone(Q.stats_messages),
+                    await conn.fetchone(Q.stats_finished),
+                    await conn.fetchall(Q.stats_top_deferred, {"limit": top}))
 
         statuses, codes, messages, finished, top_rows = await self._read(fn)
         count, held, size, oldest = messages
@@ -111,50 +109,3 @@ class StoreViews:
                      by_code=tuple((r[0], r[1], r[2]) for r in codes), messages=count,
                      held=held, bytes=size, finished=finished[0], oldest_received_at=oldest,
                      top_deferred_domains=tuple((r[0], r[1]) for r in top_rows))
-
-    async def backup(self, target: str | os.PathLike[str]) -> Path:
-        """A consistent copy made with SQLite's online backup API (safe while running).
-
-        Written to a temporary file beside `target`, synced, then renamed into place. A
-        backup holds every committed transaction, also those still only in the WAL.
-        """
-        dest = Path(target)
-        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-
-        def copy(conn: sqlite3.Connection) -> None:
-            target_conn = sqlite3.connect(tmp)
-            try:
-                conn.backup(target_conn)
-                target_conn.execute("PRAGMA journal_mode = DELETE")
-            finally:
-                target_conn.close()
-
-        try:
-            await asyncio.to_thread(_backup_prepare, self.path, dest, tmp)
-            await self._readers.run(copy, transaction=False)
-            await asyncio.to_thread(_backup_finish, tmp, dest)
-        except (sqlite3.Error, OSError, ValueError) as exc:
-            await asyncio.to_thread(tmp.unlink, True)
-            raise errs.storage_error(exc, dest) from None
-        return dest
-
-
-def _backup_prepare(source: Path, dest: Path, tmp: Path) -> None:
-    if dest.resolve() == source.resolve():
-        raise StoreError("the backup must not overwrite the queue database itself")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp.unlink(missing_ok=True)
-
-
-def _backup_finish(tmp: Path, dest: Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, dest)
-    dfd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -9,29 +9,60 @@ Two kinds of work:
 - inserts (enqueue): consecutive ones are written with `executemany`;
 - operations (`async fn(conn) -> value`): each runs inside a SAVEPOINT, so a logical
   error in one (an IntegrityError, a RelayError) is rolled back alone.
-A storage failure (disk full, I/O error, lock timeout) fails the whole batch: every
-caller of it gets the StoreError and nothing of the batch is committed. The writer
-itself survives, and the next batch tries again (reopening the connection after I/O
-or read-only errors), so intake resumes by itself when the problem goes away.
+A storage failure (disk full, I/O error, lock timeout, a database that went away) fails
+the whole batch: every caller of it gets the StoreError and nothing of the batch is
+committed. The writer itself survives, and the next batch tries again (reopening the
+connection after I/O errors or a lost server), so intake resumes by itself when the
+problem goes away.
+
+The writer is the same for every backend; what differs (how to connect, BEGIN, how an
+accepted message is inserted, what an error means) is the backend's `Dialect`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import aiosqlite
+from typing import Any, Protocol
 
 from relay import log
-from relay.errors import RelayError, StorageUnavailable
-from relay.store import errors as errs
-from relay.store.sqlfiles import Q
+from relay.errors import RelayError, StorageUnavailable, StoreError
+from relay.store.conn import Conn, Op
 
-Operation = Callable[[aiosqlite.Connection], Awaitable[Any]]
+Operation = Op
+
+
+class Dialect(Protocol):
+    """What the writer needs to know of a backend."""
+
+    where: str  # the database, for messages: a path or a URL without password
+    begin: str  # the statement that opens a write transaction
+
+    async def connect(self) -> Any: ...
+
+    def wrap(self, raw: Any) -> Conn: ...
+
+    async def insert(self, conn: Conn, messages: list[tuple[Any, ...]],
+                     recipients: list[tuple[Any, ...]]) -> None:
+        """Insert accepted messages (and their bodies) and their recipients."""
+        ...
+
+    def logical(self, exc: BaseException) -> bool:
+        """A failure of one operation's own (a constraint), rolled back alone."""
+        ...
+
+    def storage_error(self, exc: BaseException) -> StoreError: ...
+
+    def is_full(self, exc: BaseException) -> bool: ...
+
+    def needs_reopen(self, exc: BaseException) -> bool: ...
+
+    async def rollback(self, raw: Any) -> bool:
+        """Roll back an open transaction; False when the connection is unusable."""
+        ...
+
+    async def close(self, raw: Any) -> None: ...
 
 
 @dataclass
@@ -54,16 +85,14 @@ _STOP = object()
 class Writer:
     def __init__(
         self,
-        path: Path,
-        connect: Callable[[], Awaitable[aiosqlite.Connection]],
-        conn: aiosqlite.Connection,
+        dialect: Dialect,
+        conn: Any,
         *,
         batch_max: int,
         on_commit: Callable[[bool], None] | None = None,
     ) -> None:
-        self._path = path
-        self._connect = connect
-        self._conn: aiosqlite.Connection | None = conn
+        self._dialect = dialect
+        self._conn: Any = conn
         self._batch_max = max(1, batch_max)
         self._on_commit = on_commit
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -72,6 +101,10 @@ class Writer:
         self._failing: str | None = None  # "full" | "unavailable" while writes fail
         self.commits = 0  # transactions committed (for tests and metrics)
         self.items = 0  # items committed
+
+    @property
+    def dialect(self) -> Dialect:
+        return self._dialect
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="store-writer")
@@ -97,7 +130,7 @@ class Writer:
 
     def _check_open(self) -> None:
         if self._closing:
-            raise StorageUnavailable(f"queue database {self._path} is closing")
+            raise StorageUnavailable(f"queue database {self._dialect.where} is closing")
 
     async def close(self) -> None:
         """Finish everything already submitted, then close the connection."""
@@ -108,7 +141,7 @@ class Writer:
         if self._task is not None:
             await self._task
         if self._conn is not None:
-            await self._conn.close()
+            await self._dialect.close(self._conn)
             self._conn = None
 
     async def _loop(self) -> None:
@@ -129,7 +162,7 @@ class Writer:
             except BaseException as exc:  # never let the writer die with futures pending
                 for it in batch:
                     if not it.future.done():
-                        it.future.set_exception(errs.storage_error(exc, self._path))
+                        it.future.set_exception(self._dialect.storage_error(exc))
                 if isinstance(exc, asyncio.CancelledError):
                     raise
 
@@ -138,12 +171,14 @@ class Writer:
         if not live:
             return
         results: list[tuple[bool, Any]] = []
-        conn = None
+        d = self._dialect
+        raw = None
         try:
             if self._conn is None:
-                self._conn = await self._connect()
-            conn = self._conn
-            await conn.execute("BEGIN IMMEDIATE")
+                self._conn = await d.connect()
+            raw = self._conn
+            conn = d.wrap(raw)
+            await conn.execute(d.begin)
             i = 0
             while i < len(live):
                 it = live[i]
@@ -152,10 +187,8 @@ class Writer:
                     while j < len(live) and isinstance(live[j], _Insert):
                         j += 1
                     inserts: list[_Insert] = live[i:j]  # type: ignore[assignment]
-                    await conn.executemany(Q.insert_message, [x.message for x in inserts])
-                    await conn.executemany(
-                        Q.insert_recipient, [r for x in inserts for r in x.recipients]
-                    )
+                    await d.insert(conn, [x.message for x in inserts],
+                                   [r for x in inserts for r in x.recipients])
                     results.extend((True, x.result) for x in inserts)
                     i = j
                     continue
@@ -163,13 +196,13 @@ class Writer:
                 i += 1
             await conn.execute("COMMIT")
         except Exception as exc:
-            await self._failed(conn, exc, live)
+            await self._failed(raw, exc, live)
             return
         self.commits += 1
         self.items += len(live)
         if self._failing:
             self._failing = None
-            log.event("storage_recovered", path=str(self._path))
+            log.event("storage_recovered", path=d.where)
         for it, (ok, value) in zip(live, results, strict=True):
             if it.future.done():
                 continue
@@ -180,39 +213,40 @@ class Writer:
         if self._on_commit is not None:
             self._on_commit(any(isinstance(it, _Insert) for it in live))
 
-    async def _run_op(self, conn: aiosqlite.Connection, it: _Op) -> tuple[bool, Any]:
+    async def _run_op(self, conn: Conn, it: _Op) -> tuple[bool, Any]:
         await conn.execute("SAVEPOINT op")
         try:
             value = await it.fn(conn)
-        except (sqlite3.IntegrityError, sqlite3.ProgrammingError, RelayError) as exc:
-            await conn.execute("ROLLBACK TO op")
-            await conn.execute("RELEASE op")
-            if isinstance(exc, sqlite3.Error):
-                return False, errs.storage_error(exc, self._path)
-            return False, exc
-        await conn.execute("RELEASE op")
+        except Exception as exc:
+            if not (isinstance(exc, RelayError) or self._dialect.logical(exc)):
+                raise
+            await conn.execute("ROLLBACK TO SAVEPOINT op")
+            await conn.execute("RELEASE SAVEPOINT op")
+            if isinstance(exc, RelayError):
+                return False, exc
+            return False, self._dialect.storage_error(exc)
+        await conn.execute("RELEASE SAVEPOINT op")
         return True, value
 
-    async def _failed(
-        self, conn: aiosqlite.Connection | None, exc: BaseException, live: Sequence[Any]
-    ) -> None:
-        err = errs.storage_error(exc, self._path)
-        kind = "full" if errs.is_full(exc) else "unavailable"
+    async def _failed(self, raw: Any, exc: BaseException, live: Sequence[Any]) -> None:
+        d = self._dialect
+        err = d.storage_error(exc)
+        kind = "full" if d.is_full(exc) else "unavailable"
         if self._failing != kind:  # log the change, not every failed batch
-            log.event("storage_error", level="error", path=str(self._path), kind=kind,
+            log.event("storage_error", level="error", path=d.where, kind=kind,
                       detail=str(exc))
         self._failing = kind
-        if conn is not None:
-            reopen = errs.needs_reopen(exc)
+        if raw is not None:
+            reopen = d.needs_reopen(exc)
             try:
-                if conn.in_transaction:
-                    await conn.execute("ROLLBACK")
+                if not await d.rollback(raw):
+                    reopen = True
             except Exception:
                 reopen = True
             if reopen:
                 self._conn = None
                 try:
-                    await conn.close()
+                    await d.close(raw)
                 except Exception:
                     pass
         for it in live:

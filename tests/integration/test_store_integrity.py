@@ -1,7 +1,8 @@
 """What the store guarantees about the mail it hands back (issue 10, items 1 and 8): a
 body damaged on disk is refused rather than delivered, messages from before the digest
 still load, and a report about other mail (NDR, delay warning) is queued exactly once.
-Real database files, damaged with ordinary file writes while no store has them open."""
+Real database files, damaged with ordinary file writes while no store has them open;
+what does not depend on the file runs on PostgreSQL too."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ import pytest
 from relay.errors import CorruptMessage, NotFound
 from relay.model import Envelope
 from relay.model import RecipientStatus as S
-from relay.store import JobResult, RecipientUpdate, Store, schema
+from relay.store import JobResult, RecipientUpdate, Store
 from relay.store.sqlfiles import migrations
+from relay.store.sqlite import schema
+from tests.support.stores import BACKENDS, open_backend, pg_server_fixture
 
 T0 = 1_795_000_000.0
+pg_server = pg_server_fixture()
 
 
 def env(*rcpts: str, body: bytes, sender: str = "alice@example.org") -> Envelope:
@@ -71,9 +75,10 @@ async def test_a_byte_flipped_on_disk_is_found_before_delivery(tmp_path: Path) -
         await store.close()
 
 
+@pytest.mark.parametrize("kind", BACKENDS)
 async def test_hold_corrupt_keeps_it_visible_out_of_delivery_and_gives_the_lease_back(
-        tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "q.db")
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    store = await open_backend(kind, tmp_path, request)
     try:
         qid = await store.enqueue(env("b@example.net", body=b"Subject: x\r\n\r\nx\r\n"),
                                   now=T0)
@@ -153,10 +158,12 @@ async def test_messages_from_before_the_digest_still_load(tmp_path: Path) -> Non
         await store.close()
 
 
-async def test_a_notice_is_queued_once_whoever_builds_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_a_notice_is_queued_once_whoever_builds_it(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Two builders of the same NDR at once (two tasks, or the sweep and a job): the
     recipients are marked and the NDR inserted in one transaction, only while pending."""
-    store = await Store.open(tmp_path / "q.db")
+    store = await open_backend(kind, tmp_path, request)
     try:
         qids = [await store.enqueue(env(f"x{i}@example.net", body=b"Subject: s\r\n\r\nb\r\n"),
                                     now=T0) for i in range(20)]
@@ -187,8 +194,10 @@ async def test_a_notice_is_queued_once_whoever_builds_it(tmp_path: Path) -> None
         await store.close()
 
 
-async def test_pending_delay_warnings_are_those_not_yet_warned(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "q.db")
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_pending_delay_warnings_are_those_not_yet_warned(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    store = await open_backend(kind, tmp_path, request)
     try:
         old = await store.enqueue(env("a@slow.example", body=b"S: 1\r\n\r\n1\r\n"), now=T0)
         young = await store.enqueue(env("b@slow.example", body=b"S: 2\r\n\r\n2\r\n"),

@@ -1,26 +1,31 @@
-"""Reads of the SQLite store under real concurrency: many coroutines reading at once while
-the writer commits (issue 10, items 1 and 2). No mocks: a real database file, the real
-writer task, reads racing on the event loop."""
+"""Reads of the store under real concurrency, on SQLite and on PostgreSQL: many coroutines
+reading at once while the writer commits (issue 10, items 1 and 2). No mocks: a real
+database, the real writer task, reads racing on the event loop."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from relay.model import Envelope
-from relay.store import Store
+from tests.support.stores import BACKENDS, open_backend, pg_server_fixture
 
 T0 = 1_795_000_000.0
+pg_server = pg_server_fixture()
 
 
 def env(rcpt: str, body: bytes = b"Subject: t\r\n\r\nhello\r\n") -> Envelope:
     return Envelope(sender="alice@example.org", recipients=(rcpt,), body=body)
 
 
-async def test_snapshot_reads_run_side_by_side_without_interleaving(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_snapshot_reads_run_side_by_side_without_interleaving(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Hundreds of `get_message` (a multi-statement snapshot) at once: none fails with
     "cannot start a transaction within a transaction", each sees its own message whole."""
-    store = await Store.open(tmp_path / "q.db")
+    store = await open_backend(kind, tmp_path, request)
     try:
         ids = list(await asyncio.gather(*(
             store.enqueue(env(f"r{i}@d{i % 7}.example"), now=T0) for i in range(300))))
@@ -34,12 +39,13 @@ async def test_snapshot_reads_run_side_by_side_without_interleaving(tmp_path: Pa
         await store.close()
 
 
+@pytest.mark.parametrize("kind", BACKENDS)
 async def test_a_committed_body_is_always_visible_while_snapshots_are_read(
-        tmp_path: Path) -> None:
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """New mail committed while other coroutines read snapshots: its body must be read at
     once. A read that landed inside another coroutine's older read transaction (one shared
     connection) saw no row: `load_body` raised NotFound for mail that had been committed."""
-    store = await Store.open(tmp_path / "q.db")
+    store = await open_backend(kind, tmp_path, request)
     old = list(await asyncio.gather(*(
         store.enqueue(env(f"o{i}@slow.example"), now=T0) for i in range(200))))
     stop = asyncio.Event()

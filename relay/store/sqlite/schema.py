@@ -1,4 +1,4 @@
-"""Opening SQLite connections the one right way, the start-up check, and migrations."""
+"""SQLite: opening connections the one right way, the start-up check, and migrations."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import aiosqlite
 
 from relay.errors import StoreError
-from relay.store import errors as errs
 from relay.store.sqlfiles import Migration, migrations, statements
+from relay.store.sqlite import errors as errs
 
 
 async def connect(
@@ -40,7 +40,7 @@ async def connect(
 
 
 def connect_reader(path: Path, *, busy_timeout: float) -> sqlite3.Connection:
-    """A read connection for relay.store.readers: autocommit (its reads are explicit read
+    """A read connection for relay.store.sqlite.readers: autocommit (its reads are explicit read
     transactions), `query_only`. The writer has already put the file in WAL mode."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout,
                            check_same_thread=False)
@@ -87,7 +87,7 @@ async def migrate(
     Returns the versions applied (empty when the schema was current). A database newer
     than this code is refused rather than touched.
     """
-    available = tuple(migrations() if available is None else available)
+    available = tuple(migrations("sqlite") if available is None else available)
     latest = available[-1].version if available else 0
     current = await user_version(conn)
     if current > latest:

@@ -1,4 +1,5 @@
--- Named queries of the SQLite store. Each starts with a line `-- name: <name>`.
+-- Named queries of the SQLite store (relay/store/sql/pg/queries.sql has the same names).
+-- Each starts with a line `-- name: <name>`.
 -- Parameters: positional (?) on the hot intake path, named (:x) elsewhere.
 
 -- name: insert_message
@@ -111,7 +112,8 @@ UPDATE recipients SET
     updated_at = :now,
     lease_owner = NULL,
     leased_until = NULL
-WHERE id = :id AND status IN ('queued', 'deferred');
+WHERE id = :id AND status IN ('queued', 'deferred')
+  AND (:owner IS NULL OR lease_owner = :owner);  -- fenced: see the PostgreSQL file
 
 -- name: set_ndr_state
 UPDATE recipients SET ndr_state = :ndr_state, updated_at = :now WHERE id = :id;
@@ -149,7 +151,7 @@ ORDER BY r.message_id LIMIT :limit;
 INSERT INTO attempts (message_id, recipient_id, at, mx, ip, dnssec, tlsa, tls, dane, code,
                       reply, policy)
 SELECT r.message_id, r.id, :at, :mx, :ip, :dnssec, :tlsa, :tls, :dane, :code, :reply, :policy
-FROM recipients r WHERE r.id = :recipient_id;
+FROM recipients r WHERE r.id = :recipient_id AND (:owner IS NULL OR r.lease_owner = :owner);
 
 -- name: finish_messages
 -- The body goes when every recipient is final; the trace stays until purge.
@@ -240,6 +242,79 @@ SELECT count(*) FROM messages WHERE finished_at IS NOT NULL;
 SELECT domain, count(*) AS n FROM recipients WHERE status = 'deferred'
 GROUP BY domain ORDER BY n DESC, domain LIMIT :limit;
 
+-- --- moving mail between queues (relay queue import) ---------------------------------
+
+-- name: export_messages
+-- Messages with work left, in id order after :after (a page of :limit).
+SELECT m.id, m.sender, m.received_at, m.size, m.body, m.headers, m.smtputf8, m.body_8bit,
+       m.client_ip, m.client_helo, m.auth_user, m.extra, m.held, m.requiretls,
+       m.body_sha256, m.held_reason
+FROM messages m
+WHERE m.id > :after AND m.finished_at IS NULL AND m.body IS NOT NULL
+ORDER BY m.id LIMIT :limit;
+
+-- name: export_recipients
+SELECT message_id, address, domain, status, attempts, next_attempt_at, code, reply,
+       updated_at, ndr_state, warned_at
+FROM recipients WHERE message_id IN (SELECT value FROM json_each(:ids)) ORDER BY id;
+
+-- name: export_attempts
+SELECT a.message_id, r.address, a.at, a.mx, a.ip, a.dnssec, a.tlsa, a.tls, a.dane, a.code,
+       a.reply, a.policy
+FROM attempts a JOIN recipients r ON r.id = a.recipient_id
+WHERE a.message_id IN (SELECT value FROM json_each(:ids)) ORDER BY a.id;
+
+-- name: import_message
+INSERT INTO messages (id, sender, received_at, size, body, headers, smtputf8, body_8bit,
+                      client_ip, client_helo, auth_user, extra, held, requiretls,
+                      body_sha256, held_reason)
+VALUES (:id, :sender, :received_at, :size, :body, :headers, :smtputf8, :body_8bit,
+        :client_ip, :client_helo, :auth_user, :extra, :held, :requiretls, :body_sha256,
+        :held_reason)
+ON CONFLICT (id) DO NOTHING
+RETURNING id;
+
+-- name: import_recipient
+INSERT INTO recipients (message_id, address, domain, status, attempts, next_attempt_at,
+                        code, reply, updated_at, ndr_state, warned_at)
+VALUES (:message_id, :address, :domain, :status, :attempts, :next_attempt_at, :code,
+        :reply, :updated_at, :ndr_state, :warned_at);
+
+-- name: import_attempt
+INSERT INTO attempts (message_id, recipient_id, at, mx, ip, dnssec, tlsa, tls, dane, code,
+                      reply, policy)
+SELECT r.message_id, r.id, :at, :mx, :ip, :dnssec, :tlsa, :tls, :dane, :code, :reply, :policy
+FROM recipients r WHERE r.message_id = :message_id AND r.address = :address;
+
+-- name: export_delete
+DELETE FROM messages WHERE id IN (SELECT value FROM json_each(:ids));
+
+-- --- cluster: singletons and nodes --------------------------------------------------
+
+-- name: singleton_take
+-- Take a named lease when it is free or expired, or renew it when it is ours; a row
+-- comes back only when we hold it now.
+INSERT INTO singletons (name, owner, leased_until) VALUES (:name, :owner, :now + :ttl)
+ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, leased_until = excluded.leased_until
+WHERE singletons.owner = excluded.owner OR singletons.leased_until <= :now
+RETURNING owner;
+
+-- name: singleton_release
+DELETE FROM singletons WHERE name = :name AND owner = :owner;
+
+-- name: singleton_list
+SELECT name, owner, leased_until FROM singletons ORDER BY name;
+
+-- name: node_seen
+INSERT INTO nodes (owner, node, started_at, seen_at) VALUES (:owner, :node, :started_at, :now)
+ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at;
+
+-- name: node_list
+SELECT owner, node, started_at, seen_at, :now FROM nodes ORDER BY node, started_at;
+
+-- name: node_forget
+DELETE FROM nodes WHERE seen_at < :before;
+
 -- --- TLS reporting (RFC 8460) -------------------------------------------------------
 
 -- name: tlsrpt_open_period
@@ -251,7 +326,10 @@ ORDER BY end_at DESC LIMIT 1;
 SELECT max(end_at) FROM tlsrpt_periods;
 
 -- name: tlsrpt_insert_period
-INSERT INTO tlsrpt_periods (begin_at, end_at) VALUES (:begin, :end) RETURNING id;
+INSERT OR IGNORE INTO tlsrpt_periods (begin_at, end_at) VALUES (:begin, :end);
+
+-- name: tlsrpt_period_at
+SELECT id FROM tlsrpt_periods WHERE begin_at = :begin ORDER BY id DESC LIMIT 1;
 
 -- name: tlsrpt_add_result
 INSERT INTO tlsrpt_results (period_id, policy_domain, policy_type, policy_strings, mx_host,

@@ -1,0 +1,191 @@
+"""The SQLite backend: one file, WAL, synchronous=FULL; one write connection owned by the
+group-commit writer and a small pool of read connections, one caller each at a time
+(relay.store.sqlite.readers: a read is one snapshot).
+
+Other processes (the `relay queue` CLI) open their own backend on the same file; WAL
+lets readers run beside the writer, and writes from two processes wait for each other
+(busy_timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from relay.errors import StoreError
+from relay.store.conn import Conn, Op, T
+from relay.store.sqlfiles import Queries
+from relay.store.sqlite import errors as errs
+from relay.store.sqlite import schema
+from relay.store.sqlite.conn import SqliteConn
+from relay.store.sqlite.readers import Readers
+from relay.store.writer import Writer
+
+Q = Queries("sqlite")
+
+
+class SqliteDialect:
+    begin = "BEGIN IMMEDIATE"
+
+    def __init__(self, path: Path, *, busy_timeout: float, max_page_count: int | None) -> None:
+        self.path = path
+        self.where = str(path)
+        self.busy_timeout = busy_timeout
+        self.max_page_count = max_page_count
+
+    async def connect(self) -> aiosqlite.Connection:
+        return await schema.connect(self.path, busy_timeout=self.busy_timeout,
+                                    max_page_count=self.max_page_count)
+
+    def wrap(self, raw: aiosqlite.Connection) -> Conn:
+        return SqliteConn(raw)
+
+    async def insert(self, conn: Conn, messages: list[tuple[Any, ...]],
+                     recipients: list[tuple[Any, ...]]) -> None:
+        await conn.executemany(Q.insert_message, messages)
+        await conn.executemany(Q.insert_recipient, recipients)
+
+    def logical(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError)
+
+    def storage_error(self, exc: BaseException) -> StoreError:
+        return errs.storage_error(exc, self.path)
+
+    def is_full(self, exc: BaseException) -> bool:
+        return errs.is_full(exc)
+
+    def needs_reopen(self, exc: BaseException) -> bool:
+        return errs.needs_reopen(exc)
+
+    async def rollback(self, raw: aiosqlite.Connection) -> bool:
+        if raw.in_transaction:
+            await raw.execute("ROLLBACK")
+        return True
+
+    async def close(self, raw: aiosqlite.Connection) -> None:
+        await raw.close()
+
+
+class SqliteBackend:
+    kind = "sqlite"
+    q = Q
+
+    def __init__(self, dialect: SqliteDialect, writer: Writer, readers: Readers) -> None:
+        self.dialect = dialect
+        self.path = dialect.path
+        self.where = dialect.where
+        self.writer = writer
+        self._readers = readers
+
+    @classmethod
+    async def open(
+        cls, path: str | os.PathLike[str], *, commit_batch: int = 512,
+        busy_timeout: float = 5.0, max_page_count: int | None = None, check: bool = True,
+        create: bool = True, readers: int = 4,
+        on_commit: Callable[[bool], None] | None = None,
+    ) -> SqliteBackend:
+        db = _prepare(Path(path), create)
+        dialect = SqliteDialect(db, busy_timeout=busy_timeout, max_page_count=max_page_count)
+        conn: aiosqlite.Connection | None = None
+        first: sqlite3.Connection | None = None
+        try:
+            conn = await dialect.connect()
+            if check:
+                await schema.quick_check(conn, db)
+            await schema.migrate(conn, db)
+            # the first read connection, opened now so that a file that cannot be read
+            # fails here; the pool opens the others when reads need them
+            first = await asyncio.to_thread(schema.connect_reader, db,
+                                            busy_timeout=busy_timeout)
+        except (sqlite3.Error, OSError, StoreError) as exc:
+            if conn is not None:
+                await conn.close()
+            raise errs.open_error(exc, db) from None
+        writer = Writer(dialect, conn, batch_max=commit_batch, on_commit=on_commit)
+        pool = Readers(lambda: schema.connect_reader(db, busy_timeout=busy_timeout), readers,
+                       first=first)
+        writer.start()
+        return cls(dialect, writer, pool)
+
+    async def read(self, fn: Op) -> T:  # type: ignore[type-var]
+        """`fn(conn)` in one read transaction (one snapshot) on a connection of its own."""
+        try:
+            return await self._readers.read(fn)  # type: ignore[arg-type]
+        except (sqlite3.Error, ValueError) as exc:
+            raise errs.storage_error(exc, self.path) from None
+
+    async def close(self) -> None:
+        await self.writer.close()
+        await self._readers.close()
+
+    async def set_max_page_count(self, pages: int) -> int:
+        """Change the writer's page limit (a full-disk simulation for tests)."""
+
+        async def op(conn: Conn) -> int:
+            assert isinstance(conn, SqliteConn)
+            return await schema.set_max_page_count(conn.raw, pages)
+
+        return int(await self.writer.run(op))
+
+    async def backup(self, target: str | os.PathLike[str]) -> Path:
+        """A consistent copy made with SQLite's online backup API (safe while running).
+
+        Written to a temporary file beside `target`, synced, then renamed into place. A
+        backup holds every committed transaction, also those still only in the WAL.
+        """
+        dest = Path(target)
+        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+
+        def copy(conn: sqlite3.Connection) -> None:
+            target_conn = sqlite3.connect(tmp)
+            try:
+                conn.backup(target_conn)
+                target_conn.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                target_conn.close()
+
+        try:
+            await asyncio.to_thread(_backup_prepare, self.path, dest, tmp)
+            await self._readers.run(copy, transaction=False)
+            await asyncio.to_thread(_backup_finish, tmp, dest)
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            await asyncio.to_thread(tmp.unlink, True)
+            raise errs.storage_error(exc, dest) from None
+        return dest
+
+
+def _prepare(db: Path, create: bool) -> Path:
+    if not create and not db.exists():
+        raise StoreError(f"queue database {db} does not exist (check queue.path)")
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise errs.storage_error(exc, db) from None
+    return db
+
+
+def _backup_prepare(source: Path, dest: Path, tmp: Path) -> None:
+    if dest.resolve() == source.resolve():
+        raise StoreError("the backup must not overwrite the queue database itself")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp.unlink(missing_ok=True)
+
+
+def _backup_finish(tmp: Path, dest: Path) -> None:
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, dest)
+    dfd = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
