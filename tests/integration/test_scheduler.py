@@ -104,8 +104,7 @@ async def test_survives_a_locked_database_and_delivers_afterwards(tmp_path: Path
     stub = StubDeliverer()
     sched = Scheduler(store, stub, _cfg(), hostname="relay.test")  # type: ignore[arg-type]
     qid = await _enqueue(store, ["a@one.test"])
-    # waits (up to 10 s) for a write of the scheduler that is in flight, then holds the lock
-    locker = sqlite3.connect(path, timeout=10, isolation_level=None)
+    locker = sqlite3.connect(path, timeout=0, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")  # e.g. an operator's long transaction
     await sched.start()
     try:
@@ -160,8 +159,9 @@ async def test_an_ndr_left_pending_by_a_locked_database_is_sent_by_the_running_s
     store = await Store.open(path, busy_timeout=0.2)
     qid = await store.enqueue(Envelope(sender="a@example.org", recipients=("b@one.test",),
                                        body=b"Subject: x\r\n\r\nhi\r\n"), now=1.0)
-    # waits (up to 10 s) for a write of the scheduler that is in flight, then holds the lock
-    locker = sqlite3.connect(path, timeout=10, isolation_level=None)
+    # waits (up to 10 s, in a thread: the event loop must go on to finish a write of the
+    # scheduler that is in flight) for the write lock, then holds it
+    locker = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
     record = store.record
     locked = False
 
@@ -170,7 +170,8 @@ async def test_an_ndr_left_pending_by_a_locked_database_is_sent_by_the_running_s
         await record(*args, **kw)
         if not locked:  # once, right after the bounce was recorded
             locked = True
-            locker.execute("BEGIN IMMEDIATE")  # e.g. an operator's long transaction
+            # e.g. an operator's long transaction
+            await asyncio.to_thread(locker.execute, "BEGIN IMMEDIATE")
 
     store.record = record_then_lock  # type: ignore[method-assign]
     sched = Scheduler(store, BouncingDeliverer(), _cfg(), hostname="relay.test",  # type: ignore[arg-type]
