@@ -9,6 +9,9 @@ Adding the delivery scheduler or another server is one more entry in `components
 
 Exit status: 0 after a clean stop, 1 on a runtime failure (store corrupt, port taken,
 a component died), 2 on a configuration error; a second signal exits at once with 1.
+Whatever stops the relay from starting or running is one `fatal` log event (a JSON line
+like every other, naming the problem: the file, the folder and the uid, the key), never
+a traceback on stderr: an operator tailing `docker compose logs -f relay` sees why.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import signal
 import socket
 import ssl
+import traceback
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -29,11 +33,13 @@ from relay.config import Config
 from relay.delivery.attempt import Deliverer, DeliverySettings
 from relay.delivery.scheduler import Scheduler
 from relay.dns.resolve import Resolver
+from relay.errors import ConfigError, RelayError
 from relay.intake.auth import UserDb
 from relay.intake.core import Intake, IntakeSettings
 from relay.intake.listener import Listener, load_tls, load_users
 from relay.log import event
 from relay.ops.components import MetricsComponent, ResolverProbe
+from relay.ops.preflight import default_gateways, gateway_warnings, queue_folder_problem
 from relay.store import Store, open_store
 from relay.sts.fetch import Trust, load_trust
 from relay.sts.source import StsRefresher, StsSource
@@ -41,6 +47,7 @@ from relay.sts.source import StsRefresher, StsSource
 DRAIN_TIMEOUT = 30.0  # seconds the first signal waits for open work before stopping
 STOP_TIMEOUT = 5.0  # seconds one component may take to stop after the drain
 EXIT_GRACE = 2.0  # seconds left-over tasks get to end after their cancellation
+RESOLVER_WAIT = 60.0  # seconds deliveries wait at start-up for a validating resolver
 
 
 class Component(Protocol):
@@ -63,6 +70,15 @@ class Component(Protocol):
     async def drain(self, deadline: float) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+class StartupError(RelayError):
+    """A deployment problem found before anything starts; `fields` go into the `fatal`
+    event (path, uid, ...)."""
+
+    def __init__(self, message: str, **fields: object) -> None:
+        super().__init__(message)
+        self.fields = fields
 
 
 class App:
@@ -117,6 +133,52 @@ class App:
         return code
 
 
+class AfterResolver:
+    """Starts a component (the delivery scheduler) once the resolver probe has found the
+    resolver validating, or after `limit` seconds, whichever comes first.
+
+    When the relay and its resolver start together (docker-compose starts both at once,
+    and the relay does not wait for the resolver: intake never waits for DNS), the first
+    deliveries would otherwise meet a resolver that is not answering yet and be deferred
+    with 4.4.312 for a whole retry interval. Mail accepted meanwhile waits in the queue.
+    A resolver that does not validate after `limit` seconds is an outage: deliveries then
+    run and are deferred, visibly, as ever."""
+
+    def __init__(self, inner: Component, probe: ResolverProbe,
+                 limit: float = RESOLVER_WAIT) -> None:
+        self.inner, self.probe, self.limit = inner, probe, limit
+        self.name = inner.name
+        self._starting: asyncio.Task[None] | None = None
+        self._started = False
+
+    async def start(self) -> None:
+        self._starting = asyncio.create_task(self._start_later(), name=f"{self.name}-start")
+
+    async def _start_later(self) -> None:
+        try:
+            await asyncio.wait_for(self.probe.validated.wait(), self.limit)
+        except TimeoutError:
+            pass
+        await self.inner.start()
+        self._started = True
+
+    async def wait(self) -> None:
+        assert self._starting is not None
+        await self._starting  # a failed start is a failure of the component
+        await self.inner.wait()
+
+    async def drain(self, deadline: float) -> None:
+        if self._started:
+            await self.inner.drain(deadline)
+
+    async def stop(self) -> None:
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+            await asyncio.gather(self._starting, return_exceptions=True)
+        if self._started:
+            await self.inner.stop()
+
+
 async def _stop_one(component: Component) -> bool:
     """`component.stop()`, bounded: a component that hangs (say, one that swallowed its
     cancellation) is logged and left behind rather than keeping the relay up."""
@@ -157,17 +219,22 @@ def build_components(cfg: Config, store: Store, *, tls: ssl.SSLContext | None,
     sts: StsSource | None = None
     if cfg.mta_sts.enabled and cfg.delivery.enabled:
         sts = StsSource(resolver, cfg, store, trust=trust or load_trust(cfg.mta_sts.ca_file))
+    probe = ResolverProbe(resolver)
     if cfg.delivery.enabled:
         settings = DeliverySettings.from_config(cfg, hostname,
                                                 roots=sts.trust.roots if sts else None)
-        components.append(Scheduler(store, Deliverer(resolver, cfg, settings, sts=sts), cfg,
-                                    hostname=hostname, own_endpoints=lambda: listener.bound,
-                                    tlsrpt_record=reporter.record if reporter else None))
+        scheduler: Component = Scheduler(
+            store, Deliverer(resolver, cfg, settings, sts=sts), cfg, hostname=hostname,
+            own_endpoints=lambda: listener.bound,
+            tlsrpt_record=reporter.record if reporter else None)
+        if cfg.dns.require_validating_resolver:
+            scheduler = AfterResolver(scheduler, probe)
+        components.append(scheduler)
     if sts is not None:
         components.append(StsRefresher(sts, store))
     if reporter is not None:
         components.append(reporter)
-    components.append(ResolverProbe(resolver))
+    components.append(probe)
     if cfg.metrics.listen:
         components.append(MetricsComponent(cfg, store, listener, resolver))
     return components
@@ -188,11 +255,17 @@ def _install_signals(app: App) -> None:
 
 async def serve(cfg: Config, source: str) -> int:
     event("starting", config=source, version=__version__, pid=os.getpid())
+    for warning in gateway_warnings(cfg.listener.allowed_networks, default_gateways()):
+        event("gateway_allowed", level="warning", **warning)
     # Checked before the store is touched: a bad TLS or users file is a config error.
     tls = load_tls(cfg.listener)
     users = load_users(cfg.listener, tls)
     trust = load_trust(cfg.mta_sts.ca_file) \
         if cfg.mta_sts.enabled and cfg.delivery.enabled else None
+    problem = None if cfg.queue.url else queue_folder_problem(cfg.queue.path)
+    if problem is not None:
+        message = problem.pop("error")
+        raise StartupError(message, **problem)
     store = await open_store(cfg.queue)
     try:
         app = App(build_components(cfg, store, tls=tls, users=users, trust=trust),
@@ -206,10 +279,14 @@ async def serve(cfg: Config, source: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    path, explicit = configmod.resolve_path(getattr(args, "config", None), os.environ)
-    cfg = configmod.load(getattr(args, "config", None))
-    relay_log.configure(fmt=getattr(args, "log_format", None) or cfg.log.format,
-                        level=cfg.log.level)
+    log_format = getattr(args, "log_format", None)
+    try:
+        path, explicit = configmod.resolve_path(getattr(args, "config", None), os.environ)
+        cfg = configmod.load(getattr(args, "config", None))
+    except ConfigError as exc:
+        relay_log.configure(fmt=log_format or "json")
+        return fatal(exc)
+    relay_log.configure(fmt=log_format or cfg.log.format, level=cfg.log.level)
     source = str(path) if (explicit or path.exists()) else "defaults"
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -217,8 +294,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return loop.run_until_complete(serve(cfg, source))
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        return fatal(exc)
     finally:
         _close_loop(loop)
+
+
+def fatal(exc: BaseException) -> int:
+    """Log why `relay serve` cannot go on as one `fatal` event; returns the exit status
+    (2 for a configuration error, else 1). Only an unforeseen exception (a bug) carries
+    its traceback, inside the event."""
+    fields: dict[str, object] = {}
+    if isinstance(exc, ConfigError):
+        code, fields = 2, {"key": exc.key, "source": exc.source}
+    elif isinstance(exc, StartupError):
+        code, fields = 1, dict(exc.fields)
+    elif isinstance(exc, RelayError):
+        code = 1
+    else:
+        code = 1
+        fields = {"traceback": "".join(traceback.format_exception(exc)).rstrip()}
+    message = str(exc) if isinstance(exc, RelayError) else f"{type(exc).__name__}: {exc}"
+    event("fatal", level="error", error=message, exit=code, **fields)
+    return code
 
 
 def _close_loop(loop: asyncio.AbstractEventLoop) -> None:

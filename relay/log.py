@@ -23,6 +23,10 @@ EVENTS: dict[str, str] = {
     "storage_error": "the queue store failed a write (kind, detail)",
     "storage_recovered": "writes succeed again after a storage error",
     "internal_error": "an unexpected exception was contained (session or component, error)",
+    "fatal": "relay serve cannot start or go on; it exits (error naming the problem, exit, "
+             "and e.g. path, uid, key)",
+    "gateway_allowed": "listener.allowed_networks covers the default gateway (the Docker "
+                       "bridge gateway in a container): who comes through it may relay",
     # intake
     "connect": "a client connected (client_ip)",
     "disconnect": "a client went away (client_ip)",

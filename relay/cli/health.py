@@ -1,4 +1,9 @@
-"""`relay health [--json]`: exit 0 when the listener, the queue and the resolver are fine."""
+"""`relay health [--json]`: exit 0 when the listener, the queue and the resolver are fine.
+
+The container's HEALTHCHECK runs it without `-c`, so RELAY_CONFIG (set by the compose
+file) names the same config as `relay serve` reads. See relay.ops.health for how the
+listener is checked without flooding the log.
+"""
 
 from __future__ import annotations
 

@@ -3,9 +3,11 @@
 - `ResolverProbe`: at start-up (in the background, so intake never waits for DNS) and
   then every few minutes, prove that the configured resolver validates DNSSEC; say it
   loudly in the log when it does not (a non-validating resolver silently turns DANE off).
-- `MetricsComponent`: the Prometheus endpoint (`metrics.listen`) with `/healthz`.
-- `cmd_health`: the container's HEALTHCHECK: the listener answers 220, the queue database
-  opens and passes `quick_check`, the resolver validates. Exit 0 when all hold.
+  While it fails (say, the compose file's resolver is still starting) it probes again
+  every few seconds and logs the recovery at once; the error is repeated only when it
+  changes or every few minutes.
+- `MetricsComponent`: the Prometheus endpoint (`metrics.listen`) with `/healthz`, which
+  `relay health` asks about the listener (relay.ops.health).
 """
 
 from __future__ import annotations
@@ -22,31 +24,41 @@ from relay.store import Store
 from relay.tasks import cancel_and_wait
 
 PROBE_EVERY = 300.0  # seconds between resolver probes while running
+RETRY_EVERY = 5.0  # seconds between probes while the resolver fails
 
 
 class ResolverProbe:
     name = "resolver-probe"
 
-    def __init__(self, resolver: Resolver, every: float = PROBE_EVERY) -> None:
+    def __init__(self, resolver: Resolver, every: float = PROBE_EVERY,
+                 retry: float = RETRY_EVERY) -> None:
         self.resolver = resolver
         self.every = every
+        self.retry = min(retry, every)
         self.last: ValidationProbe | None = None
+        self.validated = asyncio.Event()  # set once a probe has found it validating
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=self.name)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        logged: tuple[str, float] | None = None  # the failure last logged, and when
         while True:
             probe = await check_validating(self.resolver)
             if probe.validating:
                 event("resolver_check", validating=True, detail=probe.detail)
-            else:
+                logged = None
+                self.validated.set()
+            elif logged is None or logged[0] != probe.detail \
+                    or loop.time() - logged[1] >= self.every:
                 event("resolver_check", level="error", validating=False, detail=probe.detail,
                       consequence="deliveries are deferred with 4.4.312 while "
                       "dns.require_validating_resolver is true; otherwise DANE is OFF")
+                logged = (probe.detail, loop.time())
             self.last = probe
-            await asyncio.sleep(self.every)
+            await asyncio.sleep(self.every if probe.validating else self.retry)
 
     async def wait(self) -> None:
         await asyncio.Event().wait()
@@ -70,8 +82,10 @@ class MetricsComponent:
 
     async def _snapshot(self) -> dict[str, Any]:
         stats = await self.store.stats(now=time.time())
+        probe = self.resolver.last_probe
         return {"by_status": stats.by_status, "oldest_age": stats.oldest_age,
-                "held": stats.held}
+                "held": stats.held,
+                "resolver_validating": None if probe is None else probe.validating}
 
     async def _health(self) -> tuple[bool, dict[str, Any]]:
         probe = self.resolver.last_probe
@@ -83,7 +97,8 @@ class MetricsComponent:
         resolver_ok = bool(probe and probe.validating)
         return db_ok and resolver_ok, {
             "listener": bool(self.listener.bound), "database": db_ok,
-            "resolver": probe.detail if probe else "not probed yet"}
+            "resolver": probe.detail if probe else "not probed yet",
+            "listening": [_hostport(host, port) for host, port in self.listener.bound]}
 
     async def start(self) -> None:
         self.metrics.install()
@@ -101,4 +116,5 @@ class MetricsComponent:
         await self.server.stop()
 
 
-# --- relay health -------------------------------------------------------------------------
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -66,6 +66,16 @@ class Metrics:
                                registry=r)
         self.released = Counter("relay_jobs_released",
                                 "Claimed jobs given back without an attempt", registry=r)
+        self.dane_failures = Counter(
+            "relay_dane_failures",
+            "Delivery attempts that failed for DANE or DNSSEC (codes x.7.321-x.7.324), by "
+            "recipient domain and code", ["domain", "code"], registry=r)
+        self.storage_errors = Counter("relay_storage_errors",
+                                      "Failed writes (or reads) of the queue store, by kind",
+                                      ["kind"], registry=r)
+        self.resolver_validating = Gauge(
+            "relay_resolver_validating",
+            "1 when the last probe found the resolver validating DNSSEC, else 0", registry=r)
         self.queue = Gauge("relay_queue_recipients", "Recipients in the queue by status",
                            ["status"], registry=r)
         self.held = Gauge("relay_queue_held_messages",
@@ -113,12 +123,15 @@ class Metrics:
             self.sts_fetches.labels(result="ok").inc()
         elif name == "sts_fetch_failed":
             self.sts_fetches.labels(result=str(fields.get("result_type") or "error")).inc()
+        elif name == "storage_error":
+            self.storage_errors.labels(kind=str(fields.get("kind") or "")).inc()
 
     def _attempt(self, fields: dict[str, Any], code: str) -> None:
         security = fields.get("security")
         if security:
             self.dane.labels(outcome=str(security), code=code if security == "failed" else "").inc()
-        version = fields.get("tls")
+        # `tls_version` ("TLSv1.3"); `tls` alone is the older form (it carries the cipher).
+        version = fields.get("tls_version") or fields.get("tls")
         if version:
             self.tls.labels(version=str(version)).inc()
         if code.partition(".")[2] in ("7.341", "7.342", "7.343"):
@@ -126,6 +139,8 @@ class Metrics:
         kind = fields.get("dns_failure")
         if kind:
             self.dns_failures.labels(kind=str(kind)).inc()
+        if code[1:].startswith(".7.32"):
+            self.dane_failures.labels(domain=str(fields.get("domain") or ""), code=code).inc()
 
     def install(self) -> None:
         if self.observe not in log.observers:
@@ -142,6 +157,9 @@ class Metrics:
                 self.queue.labels(status=status).set(snap.get("by_status", {}).get(status, 0))
             self.oldest.set(snap.get("oldest_age") or 0)
             self.held.set(snap.get("held") or 0)
+            validating = snap.get("resolver_validating")
+            if validating is not None:
+                self.resolver_validating.set(1 if validating else 0)
         return generate_latest(self.registry)
 
 

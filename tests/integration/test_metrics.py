@@ -31,7 +31,8 @@ async def test_counters_follow_log_events_and_gauges_read_the_queue(capsys: Any)
     metrics.install()
 
     async def snapshot() -> dict[str, Any]:
-        return {"by_status": {"queued": 3, "deferred": 2}, "oldest_age": 42.0, "held": 1}
+        return {"by_status": {"queued": 3, "deferred": 2}, "oldest_age": 42.0, "held": 1,
+                "resolver_validating": False}
 
     async def health() -> tuple[bool, dict[str, Any]]:
         return False, {"resolver": "not validating"}
@@ -48,12 +49,17 @@ async def test_counters_follow_log_events_and_gauges_read_the_queue(capsys: Any)
         log.event("attempt", id="C", dns_failure="servfail", code="4.4.312")
         log.event("corrupt_body", level="error", id="D", detail="body digest mismatch")
         log.event("job_released", id="E", reason="no message with queue id E")
+        log.event("attempt", id="D", domain="bad.example", security="failed", code="4.7.323",
+                  tls="TLSv1.2 ECDHE-RSA-AES128-GCM-SHA256", tls_version="TLSv1.2")
+        log.event("attempt", id="E", domain="bad.example", code="4.7.324",
+                  dns_failure="dnssec")
+        log.event("storage_error", kind="full", detail="database or disk is full")
         status, body = await _get(server.port, "/metrics")
         assert status == 200
         assert _value(body, "relay_received_total") == 2
         assert _value(body, 'relay_deferred_total{code="4.7.323"}') == 1
         assert _value(body, 'relay_bounced_total{code="5.7.323"}') == 1
-        assert _value(body, 'relay_dane_outcomes_total{code="4.7.323",outcome="failed"}') == 1
+        assert _value(body, 'relay_dane_outcomes_total{code="4.7.323",outcome="failed"}') == 2
         assert _value(body, 'relay_dane_outcomes_total{code="",outcome="dane-authenticated"}') == 1
         assert _value(body, 'relay_tls_sessions_total{version="TLSv1.3"}') == 2
         assert _value(body, 'relay_dns_failures_total{kind="servfail"}') == 1
@@ -62,6 +68,14 @@ async def test_counters_follow_log_events_and_gauges_read_the_queue(capsys: Any)
         assert _value(body, "relay_corrupt_bodies_total") == 1
         assert _value(body, "relay_jobs_released_total") == 1
         assert _value(body, "relay_queue_held_messages") == 1
+        # DANE/DNSSEC failures by destination (x.7.321-x.7.324 only), storage errors,
+        # the resolver gauge; the TLS version without the cipher.
+        assert _value(body, 'relay_dane_failures_total{code="4.7.323",domain="bad.example"}') == 1
+        assert _value(body, 'relay_dane_failures_total{code="4.7.324",domain="bad.example"}') == 1
+        assert "relay_dane_failures_total{code=\"4.4.312\"" not in body
+        assert _value(body, 'relay_storage_errors_total{kind="full"}') == 1
+        assert _value(body, "relay_resolver_validating") == 0
+        assert _value(body, 'relay_tls_sessions_total{version="TLSv1.2"}') == 1
         status, body = await _get(server.port, "/healthz")
         assert status == 503 and '"resolver": "not validating"' in body
         status, _ = await _get(server.port, "/nope")
