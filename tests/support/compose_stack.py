@@ -97,12 +97,16 @@ class Stack:
         self.compose_cmd = compose_argv()
         self.transcript: list[str] = []
         self.started_in = 0.0  # seconds `docker-compose up -d --build` took
+        self._ids: dict[str, str] = {}  # service -> container id, until the next up/down
+        self._t0 = time.monotonic()
         self.delivered_id = self.deferred_id = ""  # messages the tests left in the queue
 
     # --- running commands ------------------------------------------------------------
 
     def compose(self, *args: str, timeout: float = 300,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
+        if args[0] not in ("ps", "exec", "logs"):
+            self._ids.clear()  # containers may be replaced
         r = subprocess.run([*self.compose_cmd, *args], cwd=self.workdir, env=self.env,
                            capture_output=True, text=True, timeout=timeout)
         self._note(" ".join(["compose", *args]), r)
@@ -126,6 +130,7 @@ class Stack:
         argv = [*(prefix or []), "bash", "-c", command]
         if tty:  # `script` gives the command a terminal, as an operator's shell does
             argv = ["script", "-qefc", shlex.join(argv), "/dev/null"]
+        self._ids.clear()
         r = subprocess.run(argv, cwd=self.workdir, env=self.env, capture_output=True,
                            stdin=subprocess.DEVNULL, text=True, timeout=timeout)
         r = subprocess.CompletedProcess(r.args, r.returncode, _clean(r.stdout),
@@ -137,22 +142,32 @@ class Stack:
         return r
 
     def relay(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """`relay ARGS` inside the running relay container (no terminal)."""
-        return self.compose("exec", "-T", "relay", "relay", *args, check=check, timeout=120)
+        """`relay ARGS` inside the running relay container (no terminal; `docker exec`,
+        which starts in a fraction of the time Compose v1 takes)."""
+        r = subprocess.run(["docker", "exec", self.container("relay"), "relay", *args],
+                           capture_output=True, text=True, timeout=120)
+        self._note(" ".join(["relay", *args]), r)
+        if check and r.returncode != 0:
+            raise AssertionError(f"relay {' '.join(args)} exited {r.returncode}:\n"
+                                 f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        return r
 
     def show(self, queue_id: str) -> dict[str, Any]:
         return json.loads(self.relay("queue", "show", queue_id, "--json").stdout)
 
     def _note(self, what: str, r: subprocess.CompletedProcess[str]) -> None:
-        self.transcript.append(f"$ {what}\n(exit {r.returncode})\n{r.stdout[-1500:]}"
-                               f"{r.stderr[-1500:]}")
+        at = time.monotonic() - self._t0
+        self.transcript.append(f"[{at:7.1f} s] $ {what}\n(exit {r.returncode})\n"
+                               f"{r.stdout[-1500:]}{r.stderr[-1500:]}")
 
     # --- containers ------------------------------------------------------------------
 
     def container(self, service: str) -> str:
-        cid = self.compose("ps", "-q", service).stdout.strip()
-        assert cid, f"no {service} container"
-        return cid
+        if service not in self._ids:
+            cid = self.compose("ps", "-q", service).stdout.strip()
+            assert cid, f"no {service} container"
+            self._ids[service] = cid
+        return self._ids[service]
 
     def state(self, service: str) -> dict[str, Any]:
         r = subprocess.run(["docker", "inspect", self.container(service)],
@@ -184,7 +199,8 @@ class Stack:
         test = json.loads(r.stdout)
         assert test[0] == "CMD", test
         deadline = time.monotonic() + timeout
-        while self.compose("exec", "-T", "resolver", *test[1:], check=False).returncode:
+        argv = ["docker", "exec", self.container("resolver"), *test[1:]]
+        while subprocess.run(argv, capture_output=True, timeout=60).returncode:
             assert time.monotonic() < deadline, "the resolver does not validate"
             time.sleep(1)
 

@@ -5,8 +5,9 @@
         engine.docker("ps")
 
 - The daemon: a running dockerd is used as it is; otherwise one is started
-  (`dockerd --storage-driver=overlay2`, its PID kept) and stopped at the end. A dockerd
-  this code did not start is never stopped.
+  (`dockerd --storage-driver=overlay2`, its PID kept in `PID_FILE`) and stopped at the
+  end. A dockerd this code did not start is never stopped (one that an interrupted run
+  started, still named by `PID_FILE`, is).
 - The fence: `iptables -I DOCKER-USER -o <outward interface> -j DROP` (tagged with a
   comment), so no container reaches beyond the machine (a validating Unbound would
   otherwise keep asking the root servers); removed at the end.
@@ -23,7 +24,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -39,6 +39,7 @@ MIRROR = "http://deb.debian.org/debian"
 FENCE_COMMENT = "dane-relay-stack-test"
 STAND_IN_LABEL = "dane-relay.stand-in"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+PID_FILE = CACHE / "dockerd.pid"  # the dockerd this code started, while it runs
 
 PYTHON_STAND_IN = """\
 FROM {debian}
@@ -98,6 +99,7 @@ class DockerEngine:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.started: subprocess.Popen[bytes] | None = None
+        self.adopted: int | None = None  # pid of a dockerd an interrupted run left behind
         self.fenced: list[tuple[str, str]] = []  # (iptables binary, interface)
         self.notes: list[str] = []  # what was done, for the test's report
 
@@ -109,7 +111,12 @@ class DockerEngine:
 
     def start(self) -> DockerEngine:
         try:
-            if self.running():
+            leftover = self._leftover_daemon()
+            if leftover is not None:
+                self.adopted = leftover
+                self.notes.append(f"dockerd: pid {leftover}, started by an earlier run "
+                                  "that did not finish; stopped at the end")
+            elif self.running():
                 self.notes.append("dockerd: already running (left alone)")
             else:
                 self._start_daemon()
@@ -119,13 +126,23 @@ class DockerEngine:
             raise
         return self
 
+    def _leftover_daemon(self) -> int | None:
+        """The dockerd an interrupted run of this code started, if it still runs."""
+        try:
+            pid = int(PID_FILE.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except (OSError, ValueError):
+            return None
+        return pid if cmdline.endswith(b"dockerd") else None
+
     def _start_daemon(self) -> None:
         log = self.workdir / "dockerd.log"
         with open(log, "ab") as out:
             self.started = subprocess.Popen(
                 ["dockerd", "--storage-driver=overlay2"], stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True)
-        (self.workdir / "dockerd.pid").write_text(f"{self.started.pid}\n")
+        PID_FILE.parent.mkdir(parents=True, exist_ok=True)
+        PID_FILE.write_text(f"{self.started.pid}\n")
         deadline = time.monotonic() + 90
         while not self.running():
             if self.started.poll() is not None:
@@ -141,8 +158,11 @@ class DockerEngine:
             if run([ipt, "-n", "-L", "DOCKER-USER"], check=False).returncode != 0:
                 continue  # no such chain: Docker does not manage this family here
             for dev in outward_interfaces():
-                run([ipt, "-I", "DOCKER-USER", "-o", dev, "-m", "comment", "--comment",
-                     FENCE_COMMENT, "-j", "DROP"])
+                rule = ["DOCKER-USER", "-o", dev, "-m", "comment", "--comment",
+                        FENCE_COMMENT, "-j", "DROP"]
+                while run([ipt, "-D", *rule], check=False).returncode == 0:
+                    pass  # an interrupted run's rule: one is enough
+                run([ipt, "-I", *rule])
                 self.fenced.append((ipt, dev))
         if not self.fenced:
             raise EngineError("could not add the DOCKER-USER DROP rule for the outward "
@@ -162,8 +182,16 @@ class DockerEngine:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-        with contextlib.suppress(FileNotFoundError):
-            (self.workdir / "dockerd.pid").unlink()
+        adopted, self.adopted = self.adopted, None
+        if adopted is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(adopted, signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while Path(f"/proc/{adopted}").exists() and time.monotonic() < deadline:
+                time.sleep(0.5)
+        if proc is not None or adopted is not None:
+            with contextlib.suppress(FileNotFoundError):
+                PID_FILE.unlink()
 
     def __enter__(self) -> DockerEngine:
         return self.start()
@@ -242,11 +270,3 @@ class DockerEngine:
                 timeout=1800)
         self.notes.append(f"{tag}: stand-in built")
 
-
-# --- inspecting containers -------------------------------------------------------------
-
-
-def inspect(container: str) -> dict[str, object]:
-    r = run(["docker", "inspect", container], timeout=30)
-    data = json.loads(r.stdout)
-    return data[0] if data else {}
