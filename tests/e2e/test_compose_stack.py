@@ -295,6 +295,7 @@ def test_metrics_answer_on_the_published_port(stack: Stack) -> None:
     assert _metric(text, "relay_delivered_total") >= 1
     assert _metric(text, 'relay_dane_outcomes_total{code="",outcome="dane-authenticated"}') >= 1
     assert _metric(text, "relay_resolver_validating") == 1
+    assert _metric(text, 'relay_tls_sessions_total{version="TLSv1.3"}') >= 1
     assert _metric(text, 'relay_queue_recipients{status="deferred"}') >= 1
     with urllib.request.urlopen(f"{url}/healthz", timeout=30) as resp:
         assert json.loads(resp.read())["ok"] is True
