@@ -54,8 +54,9 @@ class ResolverProbe:
             elif logged is None or logged[0] != probe.detail \
                     or loop.time() - logged[1] >= self.every:
                 event("resolver_check", level="error", validating=False, detail=probe.detail,
-                      consequence="deliveries are deferred with 4.4.312 while "
-                      "dns.require_validating_resolver is true; otherwise DANE is OFF")
+                      consequence="deliveries wait (up to 60 s after start-up), then are "
+                      "deferred with 4.4.312 while dns.require_validating_resolver is true; "
+                      "otherwise DANE is OFF")
                 logged = (probe.detail, loop.time())
             self.last = probe
             await asyncio.sleep(self.every if probe.validating else self.retry)
