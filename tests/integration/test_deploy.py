@@ -241,6 +241,7 @@ def _exported() -> dict[str, set[str]]:
         ("attempt", {"security": "failed", "code": "4.7.323", "tls_version": "TLSv1.3",
                      "dns_failure": "servfail", "domain": "x.example"}),
         ("storage_error", {"kind": "full"}),
+        ("sts_fetched", {}), ("attempt", {"code": "4.7.341", "domain": "y.example"}),
     ]:
         metrics.observe(name, fields)
     metrics.resolver_validating.set(1)
@@ -249,6 +250,9 @@ def _exported() -> dict[str, set[str]]:
     text = generate_latest(metrics.registry).decode()
     out: dict[str, set[str]] = {}
     for line in text.splitlines():
+        family = re.match(r"# TYPE (\w+) (?:counter|gauge)$", line)
+        if family:  # every family, whether or not the events above gave it a value
+            out.setdefault(family.group(1), set())
         if line.startswith("#") or not line.strip():
             continue
         m = re.match(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? ", line)
