@@ -31,7 +31,7 @@ from relay import config as configmod
 from relay import log as relay_log
 from relay.config import Config
 from relay.delivery.attempt import Deliverer, DeliverySettings
-from relay.delivery.scheduler import Scheduler
+from relay.delivery.scheduler import Scheduler, node_owner
 from relay.dns.resolve import Resolver
 from relay.errors import ConfigError, RelayError
 from relay.intake.auth import UserDb
@@ -206,6 +206,7 @@ def build_components(cfg: Config, store: Store, *, tls: ssl.SSLContext | None,
     """Everything `relay serve` runs, from the config."""
     lc = cfg.listener
     hostname = lc.hostname or socket.getfqdn()
+    owner = node_owner(cfg.queue.node or socket.gethostname())  # leases of this process
     intake = Intake(IntakeSettings.from_config(lc, hostname, postmaster=cfg.ndr.postmaster),
                     store, tls_context=tls, users=users)
     listener = Listener(intake, lc.host, lc.port)
@@ -215,7 +216,7 @@ def build_components(cfg: Config, store: Store, *, tls: ssl.SSLContext | None,
     if cfg.tlsrpt.enabled:
         from relay.tlsrpt.reporter import TlsReporter
 
-        reporter = TlsReporter(store, resolver, cfg, hostname=hostname)
+        reporter = TlsReporter(store, resolver, cfg, hostname=hostname, owner=owner)
     sts: StsSource | None = None
     if cfg.mta_sts.enabled and cfg.delivery.enabled:
         sts = StsSource(resolver, cfg, store, trust=trust or load_trust(cfg.mta_sts.ca_file))
@@ -226,17 +227,17 @@ def build_components(cfg: Config, store: Store, *, tls: ssl.SSLContext | None,
         scheduler: Component = Scheduler(
             store, Deliverer(resolver, cfg, settings, sts=sts), cfg, hostname=hostname,
             own_endpoints=lambda: listener.bound,
-            tlsrpt_record=reporter.record if reporter else None)
+            tlsrpt_record=reporter.record if reporter else None, owner=owner)
         if cfg.dns.require_validating_resolver:
             scheduler = AfterResolver(scheduler, probe)
         components.append(scheduler)
     if sts is not None:
-        components.append(StsRefresher(sts, store))
+        components.append(StsRefresher(sts, store, owner=owner))
     if reporter is not None:
         components.append(reporter)
     components.append(probe)
     if cfg.metrics.listen:
-        components.append(MetricsComponent(cfg, store, listener, resolver))
+        components.append(MetricsComponent(cfg, store, listener, resolver, owner=owner))
     return components
 
 

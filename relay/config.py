@@ -347,8 +347,9 @@ class DeliveryConfig(_Section):
     """Connect over IPv4."""
     ipv6: bool = True
     """Connect over IPv6."""
-    lease: Duration = 600.0
-    """Work claimed by a process that dies returns to the queue after this."""
+    lease: Duration = 30.0
+    """Work claimed by a node that dies returns to the queue after this; renewed every third
+    of it while the work runs (another node takes over within lease + poll_interval)."""
     poll_interval: Duration = 1.0
     """Longest sleep of the scheduler between looks at the queue."""
     connect_timeout: Duration = 30.0

@@ -79,3 +79,9 @@ class CorruptMessage(StoreError):
         super().__init__(message)
         self.message_id = message_id
         self.detail = detail
+
+
+class LeaseLost(StoreError):
+    """This node no longer holds (or can no longer be sure to hold) the lease of the work
+    in hand: another node may have taken it over. No SMTP transaction is started for it
+    and nothing is recorded (the store fences such writes anyway)."""

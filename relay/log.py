@@ -46,6 +46,10 @@ EVENTS: dict[str, str] = {
     "ndr_sent": "a non-delivery report was queued (id, ndr_id, recipients)",
     "delay_warning": "a delay warning was queued (id, warning_id)",
     "queue_op": "an operator changed the queue (op, id)",
+    "takeover": "a claim took over work whose lease had run out: it may have been done "
+                "already (id, domain, recipients, previous, owner)",
+    "lease_lost": "a job's lease was taken over or could not be renewed in time: no "
+                  "further SMTP transaction for it, nothing recorded (id, domain, reason)",
     "purged": "finished messages past trace retention were removed (count)",
     "corrupt_body": "a body failed its digest check before delivery: the message is held, "
                     "never sent (id, detail)",

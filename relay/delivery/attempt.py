@@ -41,7 +41,7 @@ from relay.delivery.connpool import SessionPool
 from relay.delivery.destination import plan_destination
 from relay.delivery.trace import AttemptReport, HostAttempt, policy_text, tlsa_summary
 from relay.dns.resolve import Resolver
-from relay.errors import SmtpClientError, TlsError
+from relay.errors import LeaseLost, SmtpClientError, TlsError
 from relay.log import event
 from relay.model import Outcome, StsState, TlsRequirement
 from relay.smtp.client import SmtpSession, Timeouts
@@ -174,15 +174,18 @@ class Deliverer:
 
     async def deliver(self, domain: str, sender: str, recipients: Sequence[str], body: bytes,
                       *, smtputf8: bool = False, size: int | None = None,
-                      relax_dane: bool = False, requiretls: bool = False) -> AttemptReport:
+                      relax_dane: bool = False, requiretls: bool = False,
+                      may_send: Callable[[], bool] | None = None) -> AttemptReport:
         """`relax_dane`: for TLS report mail (RFC 8460 §3: reports are delivered despite
         TLS failures of the receiving domain), see `relaxed_plan`. `requiretls`: the
-        message was sent with REQUIRETLS (RFC 8689, relay.delivery.requiretls)."""
+        message was sent with REQUIRETLS (RFC 8689, relay.delivery.requiretls).
+        `may_send`: asked before each SMTP transaction; False (the job's lease is lost or
+        can no longer be renewed) raises LeaseLost instead of sending."""
         plan = await plan_destination(domain, self.resolver, self.config, sts=self.sts,
                                       requiretls=requiretls)
         return await self.deliver_plan(plan, sender, recipients, body, smtputf8=smtputf8,
                                        size=size, relax_dane=relax_dane and not requiretls,
-                                       requiretls=requiretls)
+                                       requiretls=requiretls, may_send=may_send)
 
     async def recheck_sts(self, domain: str, old: StsState | None) -> bool:
         """RFC 8461 §5.1, before a bounce for an MTA-STS failure: True when the domain's
@@ -194,10 +197,11 @@ class Deliverer:
     async def deliver_plan(self, plan: DomainPlan, sender: str, recipients: Sequence[str],
                            body: bytes, *, smtputf8: bool = False,
                            size: int | None = None, relax_dane: bool = False,
-                           requiretls: bool = False) -> AttemptReport:
+                           requiretls: bool = False,
+                           may_send: Callable[[], bool] | None = None) -> AttemptReport:
         report = await self._deliver_plan(plan, sender, recipients, body, smtputf8=smtputf8,
                                           size=size, relax_dane=relax_dane,
-                                          requiretls=requiretls)
+                                          requiretls=requiretls, may_send=may_send)
         by_name = {h.name: h for h in report.plan.hosts}
         hosts = tuple(replace(h, policy=policy_text(report.plan, by_name.get(h.mx)))
                       for h in report.hosts)
@@ -209,7 +213,8 @@ class Deliverer:
     async def _deliver_plan(self, plan: DomainPlan, sender: str, recipients: Sequence[str],
                             body: bytes, *, smtputf8: bool = False,
                             size: int | None = None, relax_dane: bool = False,
-                            requiretls: bool = False) -> AttemptReport:
+                            requiretls: bool = False,
+                            may_send: Callable[[], bool] | None = None) -> AttemptReport:
         if relax_dane:
             plan = relaxed_plan(plan)
         walk = _Walk()
@@ -227,7 +232,7 @@ class Deliverer:
             for addr in host.addresses[: self.settings.max_addresses]:
                 result = await self._try(host, addr.ip, sender, recipients, body,
                                          smtputf8=smtputf8, size=size, relax=relax_dane,
-                                         requiretls=requiretls)
+                                         requiretls=requiretls, may_send=may_send)
                 if isinstance(result, _HostFailure):
                     walk.traces.append(result.trace)
                     walk.failures.append(result.outcome)
@@ -253,7 +258,7 @@ class Deliverer:
 
     async def _try(self, host: HostPlan, ip: str, sender: str, recipients: Sequence[str],
                    body: bytes, *, smtputf8: bool, size: int | None, relax: bool = False,
-                   requiretls: bool = False,
+                   requiretls: bool = False, may_send: Callable[[], bool] | None = None,
                    ) -> _HostFailure | tuple[dict[str, Outcome], HostAttempt]:
         s = self.settings
         port = host.port
@@ -269,10 +274,13 @@ class Deliverer:
             try:
                 result = await self._transact(sess, host, ip, req, opened, sender, recipients,
                                               body, smtputf8=smtputf8, size=size,
-                                              requiretls=requiretls)
+                                              requiretls=requiretls, may_send=may_send)
             except SmtpClientError:
                 sess.close()  # the cached connection went stale: open a new one
                 self.pool.forget(sess)
+            except LeaseLost:
+                self.pool.give(key, sess, opened)  # unused, still good for another job
+                raise
             else:
                 await self._release(key, sess, opened, result)
                 return result
@@ -298,7 +306,8 @@ class Deliverer:
                 else:
                     result = await self._transact(sess, host, ip, req, opened, sender,
                                                   recipients, body, smtputf8=smtputf8,
-                                                  size=size, requiretls=requiretls)
+                                                  size=size, requiretls=requiretls,
+                                                  may_send=may_send)
             except TlsError as exc:
                 sess.close()
                 if (req is TlsRequirement.MAY or relax) and not plain_retry \
@@ -309,7 +318,7 @@ class Deliverer:
             except SmtpClientError as exc:
                 sess.close()
                 return self._failure(host, ip, exc, req, sess.local_ip)
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, LeaseLost):
                 sess.close()
                 raise
             except Exception as exc:  # a bug or a server we did not foresee: this host
@@ -392,6 +401,7 @@ class Deliverer:
                         req: TlsRequirement, opened: _Opened, sender: str,
                         recipients: Sequence[str], body: bytes, *, smtputf8: bool,
                         size: int | None, requiretls: bool = False,
+                        may_send: Callable[[], bool] | None = None,
                         ) -> _HostFailure | tuple[dict[str, Outcome], HostAttempt]:
         tls = opened.tls
         if requiretls and "REQUIRETLS" not in sess.extensions:
@@ -400,6 +410,8 @@ class Deliverer:
                                             code=out.code, reply=out.reply,
                                             security=opened.security, tls_info=tls,
                                             local_ip=opened.local_ip))
+        if may_send is not None and not may_send():
+            raise LeaseLost(f"the lease on this work is lost: no transaction with {host.name}")
         txn = await sess.send_mail(sender, recipients, body, smtputf8=smtputf8, size=size,
                                    requiretls=requiretls)
         plain_type = None  # opportunistic TLS that ended in cleartext: a TLS-RPT failure

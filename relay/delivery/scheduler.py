@@ -19,6 +19,14 @@ Before an attempt the body is read back and checked against its digest (relay.st
 message that fails is held with the reason (`corrupt_body` event), never sent; a job whose
 body cannot be read gives its claim back at once (`job_released`), never waits for its
 lease to run out.
+
+On a queue shared by several nodes (relay.store on PostgreSQL) the lease is what keeps
+them apart: the owner is `<node>/<incarnation>`, a heartbeat renews each job's lease, a
+job whose lease is lost (taken over while this node stalled) or can no longer be renewed
+in time opens no further SMTP transaction (`lease_lost`), and its outcome write is fenced
+by the owner. A claim that takes over an expired lease logs `takeover` (the work may have
+been done: a possible duplicate). Work that must run once per cluster (the purge, the
+sweep) runs on the holder of a named singleton lease.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import os
+import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -36,7 +44,7 @@ from relay.config import Config
 from relay.delivery import classify, dsn, requiretls, retry
 from relay.delivery.attempt import Deliverer, own_endpoints
 from relay.delivery.trace import AttemptReport, policy_text
-from relay.errors import CorruptMessage, NotFound, StoreError
+from relay.errors import CorruptMessage, LeaseLost, NotFound, StoreError
 from relay.log import event
 from relay.model import KIND_TLSRPT, Action, Envelope, Outcome, RecipientStatus
 from relay.store import AttemptTrace, Job, JobResult, RecipientUpdate, Store
@@ -44,6 +52,9 @@ from relay.tasks import cancel_and_wait
 
 Clock = Callable[[], float]
 PURGE_EVERY = 600.0  # seconds between purges of finished messages past retention
+SAFETY = 1 / 6  # of a lease: a job stops opening transactions this long before it ends
+NODE_EVERY = 10.0  # seconds between a node's heartbeats in the store (`relay queue nodes`)
+NODES_KEPT = 7 * 86400.0  # a node silent this long is forgotten
 SWEEP_EVERY = 60.0  # seconds between sweeps for NDRs and delay warnings left pending
 SWEEP_CONCURRENCY = 16  # notices built at once by a sweep
 KIND_NDR = "ndr"  # extra["kind"] of an NDR we generated
@@ -64,6 +75,30 @@ def _notice_failed(message_id: str, stage: str, exc: Exception) -> None:
               error=f"{type(exc).__name__}: {exc}")
 
 
+def node_owner(node: str) -> str:
+    """The lease owner of this process: `<node>/<incarnation>` (a restart is another)."""
+    return f"{node}/{secrets.token_hex(4)}"
+
+
+class _Lease:
+    """A job's lease as this node knows it: renewed at `renewed_at` (monotonic), lost when a
+    renewal found it taken over."""
+
+    __slots__ = ("lost", "monotonic", "renewed_at", "seconds")
+
+    def __init__(self, renewed_at: float, seconds: float, monotonic: Clock) -> None:
+        self.renewed_at = renewed_at
+        self.seconds = seconds
+        self.monotonic = monotonic
+        self.lost = False
+
+    def may_send(self) -> bool:
+        """Open another SMTP transaction? Not once the lease is lost, nor when it may run
+        out before the transaction ends (not renewed for 5/6 of its length)."""
+        return not self.lost and \
+            self.monotonic() < self.renewed_at + self.seconds * (1 - SAFETY)
+
+
 class Scheduler:
     name = "delivery"
 
@@ -71,13 +106,17 @@ class Scheduler:
                  clock: Clock = time.time, owner: str | None = None,
                  own_endpoints: Callable[[], list[tuple[str, int]]] | None = None,
                  tlsrpt_record: Callable[[str, AttemptReport, float], None] | None = None,
-                 sweep_every: float = SWEEP_EVERY) -> None:
+                 sweep_every: float = SWEEP_EVERY, monotonic: Clock = time.monotonic) -> None:
         self.store = store
         self.deliverer = deliverer
         self.config = config
         self.hostname = config.ndr.reporting_mta or hostname
         self.clock = clock
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.monotonic = monotonic
+        self.node = config.queue.node or socket.gethostname()
+        self.owner = owner or node_owner(self.node)
+        self.started_at = clock()
+        self._node_task: asyncio.Task[None] | None = None
         self._capacity = config.delivery.max_connections
         self._per_domain = config.delivery.max_connections_per_domain
         self._domains: dict[str, asyncio.Semaphore] = {}
@@ -100,6 +139,7 @@ class Scheduler:
             ends = frozenset().union(*(own_endpoints(h, p) for h, p in self._own_endpoints()))
             self.deliverer.settings = replace(self.deliverer.settings, own_endpoints=ends)
         self._loop_task = asyncio.create_task(self._run(), name="scheduler")
+        self._node_task = asyncio.create_task(self._node_heartbeat(), name="node-heartbeat")
 
     async def wait(self) -> None:
         assert self._loop_task is not None
@@ -117,7 +157,8 @@ class Scheduler:
 
     async def stop(self) -> None:
         self._draining = True
-        await cancel_and_wait([self._loop_task, self._sweep_task, *self._active])
+        await cancel_and_wait([self._loop_task, self._sweep_task, self._node_task,
+                               *self._active])
         with contextlib.suppress(StoreError):
             await self.store.unlease(self.owner)
         await self.deliverer.close()
@@ -149,7 +190,9 @@ class Scheduler:
             claimed = len(jobs)
         if now - self._last_purge >= PURGE_EVERY:
             self._last_purge = now
-            await self.store.purge(now=now, retention=self.config.queue.trace_retention)
+            if await self.store.singleton("purge", self.owner, now=now, ttl=3 * PURGE_EVERY):
+                await self.store.purge(now=now, retention=self.config.queue.trace_retention)
+                await self.store.forget_nodes(before=now - NODES_KEPT)
         timeout = d.poll_interval
         if claimed < free:  # everything due was claimed: sleep until the next due time
             nxt = await self.store.next_due(self.clock())
@@ -179,22 +222,48 @@ class Scheduler:
         task.add_done_callback(done)
 
     async def _guarded(self, job: Job) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat(job))
+        lease = _Lease(self.monotonic(), self.config.delivery.lease, self.monotonic)
+        if job.taken_from:
+            event("takeover", level="warning", id=job.message_id, domain=job.domain,
+                  recipients=len(job.recipients), previous=job.taken_from, owner=self.owner)
+        heartbeat = asyncio.create_task(self._heartbeat(job, lease))
         try:
-            await self._limited(job)
+            await self._limited(job, lease)
         finally:
             await cancel_and_wait([heartbeat])
 
-    async def _heartbeat(self, job: Job) -> None:
+    async def _heartbeat(self, job: Job, lease: _Lease) -> None:
         """Renew the job's lease while it waits or runs: an attempt may legitimately take
         longer than `delivery.lease` (slow servers, many MX hosts), and work whose lease
-        ran out would be claimed and delivered a second time."""
-        lease = self.config.delivery.lease
+        ran out would be claimed and delivered a second time. Fewer rows renewed than
+        asked: the lease was taken over (this node stalled past it)."""
+        seconds = self.config.delivery.lease
         ids = [rid for rid, _, _ in job.recipients]
+        while not lease.lost:
+            await asyncio.sleep(seconds / 3)
+            asked = self.monotonic()
+            try:
+                renewed = await self.store.renew_lease(self.owner, ids, now=self.clock(),
+                                                       lease=seconds)
+            except StoreError:
+                continue  # may_send() turns False if this lasts
+            if renewed < len(ids):
+                lease.lost = True
+                self._lease_lost(job, "taken over by another worker")
+            else:
+                lease.renewed_at = asked
+
+    def _lease_lost(self, job: Job, reason: str) -> None:
+        event("lease_lost", level="warning", id=job.message_id, domain=job.domain,
+              owner=self.owner, reason=reason)
+
+    async def _node_heartbeat(self) -> None:
+        """This node, seen in the store every few seconds (`relay queue nodes`)."""
         while True:
-            await asyncio.sleep(lease / 3)
             with contextlib.suppress(StoreError):
-                await self.store.renew_lease(self.owner, ids, now=self.clock(), lease=lease)
+                await self.store.node_seen(self.owner, self.node, started_at=self.started_at,
+                                           now=self.clock())
+            await asyncio.sleep(NODE_EVERY)
 
     def _maybe_sweep(self, now: float) -> None:
         """Start a sweep (in the background) at the first round and then every
@@ -206,15 +275,19 @@ class Scheduler:
         self._last_sweep = now
         self._sweep_task = asyncio.create_task(self._sweep(now), name="notice-sweep")
 
-    async def _limited(self, job: Job) -> None:
+    async def _limited(self, job: Job, lease: _Lease) -> None:
         sem = self._domains.setdefault(job.domain, asyncio.Semaphore(self._per_domain))
         async with sem:
             try:
-                await self.run_job(job)
+                await self.run_job(job, lease)
             except asyncio.CancelledError:
                 raise
             except NotFound:
                 return  # deleted by an operator while in flight
+            except LeaseLost:
+                if not lease.lost:  # not renewed in time (the store unreachable)
+                    self._lease_lost(job, "could not be renewed in time")
+                return  # whoever holds the work now delivers it; nothing to record
             except Exception as exc:  # a bug must not lose mail: defer, keep running
                 event("internal_error", level="error", id=job.message_id, domain=job.domain,
                       error=f"{type(exc).__name__}: {exc}")
@@ -222,12 +295,14 @@ class Scheduler:
                 out = Outcome(Action.DEFERRED, "4.3.0", f"internal error: {exc}")
                 with contextlib.suppress(StoreError):  # else the lease runs out: retried
                     await self.store.record(
-                        [self._result(job, {}, None, now, now, default=out)], now=now)
+                        [self._result(job, {}, None, now, now, default=out)], now=now,
+                        owner=self.owner)
 
     # --- one job --------------------------------------------------------------------
 
-    async def run_job(self, job: Job) -> None:
+    async def run_job(self, job: Job, lease: _Lease | None = None) -> None:
         started = self.clock()
+        may_send = lease.may_send if lease is not None else None
         body = await self._load_body(job)
         if body is None:
             return
@@ -240,21 +315,23 @@ class Scheduler:
             and requiretls.tls_required_no(body))
         report = await self.deliverer.deliver(job.domain, job.sender, addresses, body,
                                               smtputf8=job.smtputf8, size=job.size,
-                                              relax_dane=relax, requiretls=job.requiretls)
+                                              relax_dane=relax, requiretls=job.requiretls,
+                                              may_send=may_send)
         if self._sts_bounce_due(job, report, started) and \
                 await self.deliverer.recheck_sts(job.domain, report.plan.sts):
             # RFC 8461 §5.1: the policy changed since; one more try under the new one.
             report = await self.deliverer.deliver(job.domain, job.sender, addresses, body,
                                                   smtputf8=job.smtputf8, size=job.size,
                                                   relax_dane=relax,
-                                                  requiretls=job.requiretls)
+                                                  requiretls=job.requiretls,
+                                                  may_send=may_send)
         finished = self.clock()
         if self.tlsrpt_record is not None and job.kind != KIND_TLSRPT:
             with contextlib.suppress(Exception):  # reporting never affects delivery
                 self.tlsrpt_record(job.domain, report, finished)  # shares the next commit
         self._log_hosts(job, report)
         result = self._result(job, report.outcomes, report, started, finished)
-        await self.store.record([result], now=finished)
+        await self.store.record([result], now=finished, owner=self.owner)
         try:  # the outcome is recorded: what follows never records it a second time
             if any(u.status is RecipientStatus.BOUNCED for u in result.updates):
                 await self._maybe_ndr(job.message_id)
@@ -369,6 +446,10 @@ class Scheduler:
         """NDRs and delay warnings left pending (a crash, a storage error, a bug)."""
         ndr = self.config.ndr
         try:
+            # once per cluster: the holder of the "sweep" singleton (always us on SQLite)
+            if not await self.store.singleton("sweep", self.owner, now=now,
+                                              ttl=3 * self.sweep_every):
+                return
             todo = [(self._maybe_ndr, mid) for mid in await self.store.pending_ndrs()]
             if ndr.delay_warning is not None and ndr.enabled:
                 todo += [(self._maybe_delay_warning, mid) for mid in

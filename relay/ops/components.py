@@ -71,22 +71,34 @@ class ResolverProbe:
         await cancel_and_wait([self._task])
 
 
+GAUGES_TTL = 120.0  # seconds: another node exports the queue gauges after that
+
+
 class MetricsComponent:
     name = "metrics"
 
-    def __init__(self, cfg: Config, store: Store, listener: Any, resolver: Resolver) -> None:
+    def __init__(self, cfg: Config, store: Store, listener: Any, resolver: Resolver, *,
+                 owner: str = "metrics") -> None:
         assert cfg.metrics.listen
         host, port = split_hostport(cfg.metrics.listen, 9125)
         self.metrics = Metrics()
         self.store, self.listener, self.resolver = store, listener, resolver
+        self.owner = owner
         self.server = MetricsServer(self.metrics, host, port, self._snapshot, self._health)
 
     async def _snapshot(self) -> dict[str, Any]:
-        stats = await self.store.stats(now=time.time())
+        """This node's resolver state, and the queue gauges when this node holds the
+        "gauges" singleton: on a queue shared by several nodes they are the cluster's,
+        exported by one node."""
         probe = self.resolver.last_probe
-        return {"by_status": stats.by_status, "oldest_age": stats.oldest_age,
-                "held": stats.held,
-                "resolver_validating": None if probe is None else probe.validating}
+        snap: dict[str, Any] = {
+            "resolver_validating": None if probe is None else probe.validating}
+        now = time.time()
+        if await self.store.singleton("gauges", self.owner, now=now, ttl=GAUGES_TTL):
+            stats = await self.store.stats(now=now)
+            snap["queue"] = {"by_status": stats.by_status, "oldest_age": stats.oldest_age,
+                             "held": stats.held}
+        return snap
 
     async def _health(self) -> tuple[bool, dict[str, Any]]:
         probe = self.resolver.last_probe

@@ -76,14 +76,24 @@ class Metrics:
         self.resolver_validating = Gauge(
             "relay_resolver_validating",
             "1 when the last probe found the resolver validating DNSSEC, else 0", registry=r)
+        self.takeovers = Counter(
+            "relay_takeovers", "Recipients claimed from an expired lease of another worker "
+            "(it died or stalled mid-delivery: possible duplicates)", registry=r)
+        self.leases_lost = Counter(
+            "relay_leases_lost", "Jobs stopped because their lease was taken over or could "
+            "not be renewed in time", registry=r)
+        self.gauges_holder = Gauge(
+            "relay_queue_gauges_exported", "1 when this node exports the queue gauges (on a "
+            "queue shared by several nodes, one node does)", registry=r)
+        q = self.queue_registry = CollectorRegistry()  # the queue's gauges: see render()
         self.queue = Gauge("relay_queue_recipients", "Recipients in the queue by status",
-                           ["status"], registry=r)
+                           ["status"], registry=q)
         self.held = Gauge("relay_queue_held_messages",
                           "Messages held (by an operator, or corrupt) with work left",
-                          registry=r)
+                          registry=q)
         self.oldest = Gauge("relay_queue_oldest_age_seconds",
                             "Age of the oldest message with unfinished recipients",
-                            registry=r)
+                            registry=q)
 
     def observe(self, name: str, fields: dict[str, Any]) -> None:
         """A log observer: count what the event says happened."""
@@ -117,6 +127,10 @@ class Metrics:
             self.corrupt.inc()
         elif name == "job_released":
             self.released.inc()
+        elif name == "takeover":
+            self.takeovers.inc(int(fields.get("recipients") or 1))
+        elif name == "lease_lost":
+            self.leases_lost.inc()
         elif name == "attempt":
             self._attempt(fields, code)
         elif name == "sts_fetched":
@@ -151,16 +165,23 @@ class Metrics:
             log.observers.remove(self.observe)
 
     async def render(self, snapshot: QueueSnapshot | None) -> bytes:
-        if snapshot is not None:
-            snap = await snapshot()
-            for status in ("queued", "deferred", "delivered", "bounced"):
-                self.queue.labels(status=status).set(snap.get("by_status", {}).get(status, 0))
-            self.oldest.set(snap.get("oldest_age") or 0)
-            self.held.set(snap.get("held") or 0)
-            validating = snap.get("resolver_validating")
-            if validating is not None:
-                self.resolver_validating.set(1 if validating else 0)
-        return generate_latest(self.registry)
+        """The counters and this node's gauges, and the queue gauges when `snapshot`
+        gives them (on a shared queue only the node holding the "gauges" singleton does:
+        exported once)."""
+        snap = await snapshot() if snapshot is not None else {}
+        validating = snap.get("resolver_validating")
+        if validating is not None:
+            self.resolver_validating.set(1 if validating else 0)
+        queue = snap.get("queue")
+        self.gauges_holder.set(1 if queue is not None else 0)
+        out = generate_latest(self.registry)
+        if queue is None:
+            return out
+        for status in ("queued", "deferred", "delivered", "bounced"):
+            self.queue.labels(status=status).set(queue.get("by_status", {}).get(status, 0))
+        self.oldest.set(queue.get("oldest_age") or 0)
+        self.held.set(queue.get("held") or 0)
+        return out + generate_latest(self.queue_registry)
 
 
 class MetricsServer:

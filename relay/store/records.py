@@ -33,6 +33,7 @@ class Job:
     size: int
     kind: str = ""  # the message's extra["kind"]: "ndr", "tlsrpt", ... ("" for client mail)
     requiretls: bool = False  # MAIL FROM ... REQUIRETLS (RFC 8689)
+    taken_from: str | None = None  # the expired lease this claim replaced (a takeover)
 
 
 @dataclass(frozen=True)
@@ -218,8 +219,8 @@ class Stats:
 def build_jobs(rows: Sequence[Any], msgs: Sequence[Any], max_recipients: int | None) -> list[Job]:
     """Jobs from claimed rows, in fair order: never-tried and deferred groups in turn.
 
-    rows: (recipient id, message id, domain, address, attempts, status, next_attempt_at);
-    msgs: (id, sender, received_at, smtputf8, size[, kind[, requiretls]]).
+    rows: (recipient id, message id, domain, address, attempts, status, next_attempt_at[,
+    taken_from]); msgs: (id, sender, received_at, smtputf8, size[, kind[, requiretls]]).
     """
     meta = {m[0]: m for m in msgs}
     groups: dict[tuple[str, str], list[Any]] = {}
@@ -239,11 +240,14 @@ def build_jobs(rows: Sequence[Any], msgs: Sequence[Any], max_recipients: int | N
     jobs = []
     for _, (mid, domain), members in ordered:
         m = meta[mid]
-        rcpts = tuple((r[0], r[3], r[4]) for r in members)
-        step = max_recipients or len(rcpts)
-        for i in range(0, len(rcpts), step):
+        step = max_recipients or len(members)
+        for i in range(0, len(members), step):
+            part = members[i:i + step]
+            taken = next((r[7] for r in part if len(r) > 7 and r[7]), None)
             jobs.append(Job(message_id=mid, sender=m[1], domain=domain, received_at=m[2],
-                            recipients=rcpts[i:i + step], smtputf8=bool(m[3]), size=m[4],
+                            recipients=tuple((r[0], r[3], r[4]) for r in part),
+                            smtputf8=bool(m[3]), size=m[4],
                             kind=str(m[5] or "") if len(m) > 5 else "",
-                            requiretls=bool(m[6]) if len(m) > 6 else False))
+                            requiretls=bool(m[6]) if len(m) > 6 else False,
+                            taken_from=taken))
     return jobs

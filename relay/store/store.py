@@ -507,6 +507,14 @@ class Store(TlsRptStore, StsStore, StoreViews):
 
         await self._writer.run(op)
 
+    async def forget_nodes(self, *, before: float) -> int:
+        """Drop the nodes not seen since `before` (`relay queue nodes` forgets them)."""
+
+        async def op(conn: Conn) -> int:
+            return await conn.execute(self._q.node_forget, {"before": before})
+
+        return int(await self._writer.run(op))
+
     async def nodes(self, *, now: float) -> list[dict[str, Any]]:
         """The nodes seen, with how long ago (by the database's clock where it has one)."""
         rows = await self._fetchall(self._q.node_list, {"now": now})

@@ -241,10 +241,12 @@ class StsRefresher:
 
     name = "mta-sts"
 
-    def __init__(self, source: StsSource, store: Any, *, clock: Clock = time.time) -> None:
+    def __init__(self, source: StsSource, store: Any, *, clock: Clock = time.time,
+                 owner: str = "mta-sts") -> None:
         self.source = source
         self.store = store
         self.clock = clock
+        self.owner = owner  # the node's lease owner: one refresher per cluster
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -271,6 +273,9 @@ class StsRefresher:
         """Refresh what is due; returns the domains looked at."""
         m = self.source.config.mta_sts
         now = self.clock()
+        every = min(REFRESH_EVERY, m.refresh_interval)
+        if not await self.store.singleton("mta-sts", self.owner, now=now, ttl=3 * every):
+            return []  # another node of a shared queue refreshes the policies
         due = await self.store.sts_due(now=now, checked_before=now - m.refresh_interval,
                                        refresh_before=m.refresh_before)
         for domain in due:

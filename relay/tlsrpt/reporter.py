@@ -276,8 +276,13 @@ class TlsReporter:
 
     async def tick(self, now: float, *, cut: bool = False) -> list[SendResult]:
         """Close ended periods (with `cut`: the open one too, due at once) and send what
-        is due. Returns what happened to each report tried."""
+        is due. Returns what happened to each report tried. On a queue shared by several
+        nodes only the holder of the "tlsrpt" singleton does it (`cut`, the operator's
+        `relay tlsrpt send --now`, always does)."""
         s = self.settings
+        if not cut and not await self.store.singleton("tlsrpt", self.owner, now=now,
+                                                      ttl=3 * MAX_SLEEP):
+            return []
         await self.store.tlsrpt_close_periods(
             now=now, cut=cut, delay=lambda: self.rng.uniform(0.0, s.max_delay))
         tasks = await self.store.tlsrpt_claim(now=now, owner=self.owner, lease=LEASE)

@@ -31,7 +31,8 @@ async def test_counters_follow_log_events_and_gauges_read_the_queue(capsys: Any)
     metrics.install()
 
     async def snapshot() -> dict[str, Any]:
-        return {"by_status": {"queued": 3, "deferred": 2}, "oldest_age": 42.0, "held": 1,
+        return {"queue": {"by_status": {"queued": 3, "deferred": 2}, "oldest_age": 42.0,
+                          "held": 1},
                 "resolver_validating": False}
 
     async def health() -> tuple[bool, dict[str, Any]]:

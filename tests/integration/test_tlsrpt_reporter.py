@@ -1,11 +1,13 @@
 """TLS reporting against a real SQLite store and real HTTPS servers on loopback: periods
 (close, cut, late results), claims between two store handles, the send state machine
 (retry with a doubling wait, give up after the lifetime, no record, DNS failure), with
-time passed in. DNS answers come from a stub resolver here; discovery against a real
-validating Unbound is tested end to end (tests/e2e/test_tlsrpt.py)."""
+time passed in, and two nodes on one queue (SQLite and PostgreSQL) sending one report.
+DNS answers come from a stub resolver here; discovery against a real validating Unbound
+is tested end to end (tests/e2e/test_tlsrpt.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import threading
@@ -25,10 +27,12 @@ from relay.store import Store
 from relay.tlsrpt.report import SessionResult
 from relay.tlsrpt.reporter import TlsReporter
 from tests.support.certs import make_ca, make_leaf, server_context
+from tests.support.stores import pg_server_fixture
 from tests.support.tlsrpt_check import validate_report
 
 CA = make_ca("Collector CA")
 DOMAIN = "mx.example.test"
+pg_server = pg_server_fixture()
 
 
 class Server:
@@ -245,3 +249,36 @@ async def test_mail_report_goes_into_the_queue(tmp_path: Path) -> None:
         # Sent once: a later tick does not enqueue it again.
         assert await rep.tick(30.0) == []
         assert len(await store.list_messages()) == 1
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+async def test_two_nodes_send_one_report_with_the_sum_of_their_sessions(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Two relay nodes on one queue both record sessions for the same policy domain and
+    both run the reporter: one report goes out, counting every session of both."""
+    server = Server([201])
+    if kind == "pg":
+        url = request.getfixturevalue("pg_server").create_db("tlsrpt_two_nodes")
+        opened = [await Store.open_url(url) for _ in range(2)]
+    else:
+        opened = [await Store.open(tmp_path / "q.db") for _ in range(2)]
+    try:
+        resolver = StubResolver([f"v=TLSRPTv1; rua={server.url}"])
+        a, b = (make(s, tmp_path, resolver) for s in opened)
+        a.owner, b.owner = "node-a/1", "node-b/1"
+        await asyncio.gather(opened[0].tlsrpt_add(results(2, 1), now=5.0, interval=10),
+                             opened[1].tlsrpt_add(results(3, 2), now=6.0, interval=10))
+        got = await asyncio.gather(a.tick(16.0), b.tick(16.0))
+        sent = [r for rs in got for r in rs if r.state == "sent"]
+        assert len(sent) == 1 and (sent[0].successful, sent[0].failures) == (5, 3)
+        assert await a.tick(30.0) == [] and await b.tick(30.0) == []
+        (body,) = server.bodies
+        report = json.loads(gzip.decompress(body))
+        validate_report(report)
+        (policy,) = report["policies"]
+        assert policy["summary"] == {"total-successful-session-count": 5,
+                                     "total-failure-session-count": 3}
+    finally:
+        for s in opened:
+            await s.close()
+        server.close()

@@ -20,7 +20,10 @@ Hostile and broken modes: `inject_after_starttls` (bytes appended to the 220 rep
 STARTTLS in the same write, then the handshake goes on), `drop_in_data` (read the first
 body line after 354, then reset the connection; True, or a count of DATA commands to
 drop), `greeting_delay` (math.inf: never greet), `greeting` (e.g. "554 5.7.1 go away"),
-`ehlo=False` (EHLO refused with 502: HELO only), `tls_max_version="1.1"`.
+`ehlo=False` (EHLO refused with 502: HELO only), `tls_max_version="1.1"`. Slow servers:
+`command_delay` (seconds before every reply after the greeting, e.g. 0.05 for a
+latency-bound destination), `data_delay` (seconds holding the reply to the final dot: a
+transaction kept open).
 `requiretls=True` advertises REQUIRETLS (RFC 8689) inside TLS and takes the MAIL
 parameter (recorded in `mail_options`).
 Settings are read per connection/command, so a test may change them while running.
@@ -136,6 +139,8 @@ class _Handler:
         if custom and not custom.startswith("2"):
             return custom
         assert isinstance(server, _DestSMTP)
+        if self.dest.data_delay:  # a transaction held open before its final reply
+            await asyncio.sleep(self.dest.data_delay)
         log = server.conn_log
         content = envelope.original_content or b""
         sender = envelope.mail_from or ""
@@ -160,6 +165,7 @@ class _DestSMTP(SMTP):
         self.dest = dest
         self.conn_log = ConnectionLog(peer=("", 0))
         self._inject: bytes | None = None
+        self._greeted = False
         self._smtp_methods = {
             name: self._recording(name, method) for name, method in self._smtp_methods.items()
         }
@@ -197,6 +203,9 @@ class _DestSMTP(SMTP):
             self.dest._disconnected(self)
 
     async def push(self, status: Any) -> None:
+        if self.dest.command_delay and self._greeted:
+            await asyncio.sleep(self.dest.command_delay)
+        self._greeted = True
         if self._inject is not None:
             inject, self._inject = self._inject, None
             raw = status.encode() if isinstance(status, str) else status
@@ -302,6 +311,8 @@ class Destination:
         tls_max_version: str | None = None,
         hostname: str = "mx.example.test",
         requiretls: bool = False,
+        command_delay: float = 0.0,
+        data_delay: float = 0.0,
     ) -> None:
         self.host_ip = host_ip
         self.port = port
@@ -319,6 +330,8 @@ class Destination:
         self.greeting_delay = greeting_delay
         self.hostname = hostname
         self.requiretls = requiretls
+        self.command_delay = command_delay
+        self.data_delay = data_delay
         self.presented_chain: list[bytes] = []  # DER, leaf first (when built from Issued)
         self.messages: list[Received] = []
         self.connections: list[ConnectionLog] = []

@@ -47,7 +47,8 @@ CREATE TABLE recipients (
     lease_owner      text,
     leased_until     double precision,
     ndr_state        text,
-    warned_at        double precision
+    warned_at        double precision,
+    taken_from       text  -- the owner of an expired lease the last claim took over
 );
 
 CREATE INDEX recipients_message ON recipients (message_id);

@@ -58,10 +58,11 @@ fresh AS (
       AND (r.leased_until IS NULL OR r.leased_until <= c.now)
     FOR UPDATE OF r SKIP LOCKED
 )
-UPDATE recipients SET lease_owner = :owner,
+UPDATE recipients SET taken_from = lease_owner, lease_owner = :owner,
                       leased_until = (SELECT now FROM clock) + :lease
 WHERE id IN (SELECT id FROM rows)
-RETURNING id, message_id, domain, address, attempts, status, next_attempt_at;
+RETURNING id, message_id, domain, address, attempts, status, next_attempt_at,
+          taken_from;
 
 -- name: job_messages
 SELECT id, sender, received_at, smtputf8, size, coalesce(extra::jsonb ->> 'kind', ''),

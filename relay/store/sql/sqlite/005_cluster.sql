@@ -17,3 +17,7 @@ CREATE TABLE nodes (
     started_at  REAL NOT NULL,
     seen_at     REAL NOT NULL
 );
+
+-- The owner of an expired lease a claim took over (set by the claim, from the lease it
+-- replaced): the work may have been done before, so a takeover is logged and counted.
+ALTER TABLE recipients ADD COLUMN taken_from TEXT;

@@ -42,7 +42,8 @@ WITH fresh AS (
         FROM retry
     ) ORDER BY rn, k LIMIT :limit
 )
-UPDATE recipients SET lease_owner = :owner, leased_until = :until
+-- taken_from: the owner of the expired lease this claim replaces (SET sees old values)
+UPDATE recipients SET taken_from = lease_owner, lease_owner = :owner, leased_until = :until
 WHERE id IN (
     -- unary + keeps the planner on recipients_message (a group's few rows), not on
     -- recipients_due (every due row) for this lookup
@@ -51,7 +52,8 @@ WHERE id IN (
     WHERE +r.status IN ('queued', 'deferred') AND +r.next_attempt_at <= :now
       AND (r.leased_until IS NULL OR r.leased_until <= :now)
 )
-RETURNING id, message_id, domain, address, attempts, status, next_attempt_at;
+RETURNING id, message_id, domain, address, attempts, status, next_attempt_at,
+          taken_from;
 
 -- name: job_messages
 SELECT id, sender, received_at, smtputf8, size, coalesce(json_extract(extra, '$.kind'), ''),
