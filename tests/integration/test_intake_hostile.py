@@ -322,5 +322,9 @@ def test_messages_in_flight_share_a_memory_budget(tmp_path: Path) -> None:
         assert code == 250
         first.close()
         second.close()
+        # the log is read by another thread: wait for the second event, not just look
+        deadline = time.monotonic() + 10
+        while len(relay.events("received")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(relay.events("received")) == 2
         assert not relay.events("internal_error")

@@ -394,8 +394,9 @@ def test_query_plans_use_the_right_indexes(tmp_path: Path) -> None:
     from relay.store.sqlite.backend import Q
 
     conn = sqlite3.connect(tmp_path / "plan.db")
-    for stmt in statements(migrations()[0].sql):
-        conn.execute(stmt)
+    for mig in migrations():
+        for stmt in statements(mig.sql):
+            conn.execute(stmt)
 
     def plan(sql: str, params: dict[str, object]) -> list[str]:
         return [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
