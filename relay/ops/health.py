@@ -1,5 +1,6 @@
 """The checks behind `relay health` (the container's HEALTHCHECK): the listener is up, the
-queue database opens and passes `quick_check`, the resolver validates.
+queue database answers (SQLite: opens and passes `quick_check`; PostgreSQL: the
+server answers with a migrated queue), the resolver validates.
 
 The listener check does not open an SMTP session when it can avoid it. A HEALTHCHECK runs
 every 30 seconds, and every SMTP session is two lines in the log (`connect`,
@@ -15,11 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from typing import Any
 
 from relay.config import Config, split_hostport
 from relay.dns.resolve import Resolver, check_validating
+from relay.store import store_health
 
 TIMEOUT = 5.0  # seconds for each network check
 
@@ -83,24 +84,9 @@ async def _check_listener(cfg: Config) -> tuple[bool, str]:
     return await _smtp_banner(cfg.listener.host, cfg.listener.port)
 
 
-def _check_database(cfg: Config) -> tuple[bool, str]:
-    path = cfg.queue.path
-    if not path.exists():
-        return False, f"{path}: no queue database"
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-        try:
-            row = conn.execute("PRAGMA quick_check").fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        return False, f"{path}: {exc}"
-    return row[0] == "ok", f"{path}: quick_check {row[0]}"
-
-
 async def health(cfg: Config) -> dict[str, Any]:
     listener = await _check_listener(cfg)
-    database = _check_database(cfg)
+    database = await store_health(cfg.queue)
     probe = await check_validating(Resolver.from_config(cfg.dns))
     checks = {"listener": listener, "database": database,
               "resolver": (probe.validating, probe.detail)}

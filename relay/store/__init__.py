@@ -9,6 +9,8 @@ May import: the base only. It knows nothing of delivery, intake or TLS reporting
 hand it values (relay.model) and read values back (.records).
 """
 
+import asyncio
+
 from relay.config import QueueConfig
 from relay.store.ids import recipient_domain
 from relay.store.records import (
@@ -23,6 +25,17 @@ from relay.store.records import (
     iso,
 )
 from relay.store.store import Store
+
+
+async def store_health(queue: QueueConfig) -> tuple[bool, str]:
+    """(ok, detail) of the configured queue for `relay health`, without opening a Store."""
+    if queue.url:
+        from relay.store.pg.backend import health as pg_health
+
+        return await pg_health(queue.url)
+    from relay.store.sqlite.backend import health as sqlite_health
+
+    return await asyncio.to_thread(sqlite_health, queue.path)
 
 
 async def open_store(queue: QueueConfig, *, check: bool = True, create: bool = True) -> Store:
@@ -46,4 +59,5 @@ __all__ = [
     "iso",
     "open_store",
     "recipient_domain",
+    "store_health",
 ]

@@ -204,3 +204,14 @@ async def test_a_body_changed_in_the_database_is_refused(url: str) -> None:
         assert "digest" in str(err.value)
     finally:
         await store.close()
+
+
+async def test_health_of_a_shared_queue(pg_server: PgServer, url: str) -> None:
+    from relay.config import QueueConfig
+    from relay.store import store_health
+
+    await (await Store.open_url(url)).close()  # migrated
+    ok, detail = await store_health(QueueConfig(url=url))
+    assert ok and "schema version" in detail
+    ok, detail = await store_health(QueueConfig(url="postgresql://relay:pw@127.0.0.1:9/x"))
+    assert not ok and "127.0.0.1:9" in detail and "pw" not in detail

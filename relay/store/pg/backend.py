@@ -127,3 +127,18 @@ class PgBackend:
             await self._pool.close()
         except Exception:
             self._pool.terminate()
+
+
+async def health(url: str, *, wait: float = 5.0) -> tuple[bool, str]:
+    """`relay health`: the server answers and holds a migrated queue."""
+    where = schema.redact(url)
+    try:
+        conn = await schema.connect(url, connect_timeout=wait, lock_timeout=wait)
+        try:
+            version = await conn.fetchval("SELECT max(version) FROM relay_schema")
+        finally:
+            await conn.close(timeout=wait)
+    except (OSError, TimeoutError, asyncpg.PostgresError,
+            asyncpg.exceptions.InterfaceError, StoreError) as exc:
+        return False, f"{where}: {type(exc).__name__}: {exc}"
+    return True, f"{where}: schema version {version}"

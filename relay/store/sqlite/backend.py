@@ -189,3 +189,19 @@ def _backup_finish(tmp: Path, dest: Path) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def health(path: Path) -> tuple[bool, str]:
+    """`relay health`: the file opens read-only and passes `quick_check` (no writer, no
+    migration: the relay may be running)."""
+    if not path.exists():
+        return False, f"{path}: no queue database"
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            row = conn.execute("PRAGMA quick_check").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return False, f"{path}: {exc}"
+    return row[0] == "ok", f"{path}: quick_check {row[0]}"
