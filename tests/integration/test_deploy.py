@@ -247,7 +247,8 @@ def _exported() -> dict[str, set[str]]:
     metrics.resolver_validating.set(1)
     metrics.queue.labels(status="deferred").set(1)
     metrics.oldest.set(60)
-    text = generate_latest(metrics.registry).decode()
+    # the node's registry and the queue gauges' (exported by the "gauges" singleton holder)
+    text = (generate_latest(metrics.registry) + generate_latest(metrics.queue_registry)).decode()
     out: dict[str, set[str]] = {}
     for line in text.splitlines():
         family = re.match(r"# TYPE (\w+) (?:counter|gauge)$", line)
