@@ -518,12 +518,15 @@ class Scheduler:
             original_headers=headers, envelope_sender=to, envelope_id=None,
             arrival_date=_utc(info.received_at), reporting_mta=self.hostname, failed=failed,
             now=_utc(now), message_id=f"{message_id}.ndr@{self.hostname}",
-            boundary=f"{message_id}/{self.hostname}", queue_id=message_id)
+            boundary=f"{message_id}/{self.hostname}", queue_id=message_id,
+            smtputf8=True if info.smtputf8 else None)  # RFC 6533 for an SMTPUTF8 message
         if body is None:
             await self.store.set_ndr_state(ids, "none", now=now)
             return
         ndr_id = await self.store.enqueue_notice(
-            Envelope(sender="", recipients=(to,), body=body, smtputf8=not to.isascii(),
+            Envelope(sender="", recipients=(to,), body=body,
+                     smtputf8=info.smtputf8 or not to.isascii(),
+                     body_8bit=not body.isascii(),
                      extra={"kind": new_kind, "original": message_id}),
             now=now, kind="ndr", covers=ids)
         if ndr_id is None:
@@ -553,12 +556,14 @@ class Scheduler:
                      for r in due],
             will_retry_until=until, now=_utc(now),
             message_id=f"{message_id}.delay@{self.hostname}",
-            boundary=f"{message_id}/delay/{self.hostname}", queue_id=message_id)
+            boundary=f"{message_id}/delay/{self.hostname}", queue_id=message_id,
+            smtputf8=True if info.smtputf8 else None)
         if body is None:
             return
         warning_id = await self.store.enqueue_notice(
             Envelope(sender="", recipients=(info.sender,), body=body,
-                     smtputf8=not info.sender.isascii(),
+                     smtputf8=info.smtputf8 or not info.sender.isascii(),
+                     body_8bit=not body.isascii(),
                      extra={"kind": "delay-warning", "original": message_id}),
             now=now, kind="delay", covers=[r.id for r in due])
         if warning_id is None:

@@ -204,3 +204,37 @@ async def test_an_ndr_left_pending_by_a_locked_database_is_sent_by_the_running_s
         assert count("bounced", id=qid) == 1
     finally:
         await store.close()
+
+
+async def test_the_ndr_of_an_smtputf8_message_is_a_global_report_sent_with_smtputf8(
+        tmp_path: Path) -> None:
+    """RFC 6533: the report about an SMTPUTF8 message is message/global-delivery-status and
+    goes out flagged SMTPUTF8, also when its sender's address is plain ASCII."""
+    store = await Store.open(tmp_path / "q.db")
+    qid = await store.enqueue(Envelope(sender="a@example.org", recipients=("b@one.test",),
+                                       body="Subject: grüße\r\n\r\nhi\r\n".encode(),
+                                       smtputf8=True), now=1.0)
+    sent: list[tuple[bytes, dict[str, Any]]] = []
+    got = asyncio.Event()
+
+    class Recording(BouncingDeliverer):
+        async def deliver(self, domain: str, sender: str, recipients: Any, body: bytes,
+                          **kw: Any) -> AttemptReport:
+            if domain != "one.test":
+                sent.append((body, kw))
+                got.set()
+            return await super().deliver(domain, sender, recipients, body, **kw)
+
+    sched = Scheduler(store, Recording(), _cfg(), hostname="relay.test")  # type: ignore[arg-type]
+    await sched.start()
+    try:
+        async with asyncio.timeout(20):
+            await got.wait()
+        ((body, kw),) = sent
+        assert kw["smtputf8"] is True  # delivered as an SMTPUTF8 message
+        assert b"message/global-delivery-status" in body
+        (ndr,) = [m for m in await store.list_messages(include_final=True) if m.sender == ""]
+        assert (await store.get_message(ndr.id)).extra["original"] == qid
+    finally:
+        await sched.stop()
+        await store.close()
