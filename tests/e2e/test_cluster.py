@@ -141,9 +141,11 @@ def test_a_node_killed_mid_delivery_is_taken_over(
         assert taken_after <= LEASE + POLL + 5, taken_after
         takeovers = sum(e.get("recipients", 0) for e in b.events("takeover"))
         assert takeovers >= 1
-        # the queue agrees: every recipient delivered, as seen from the surviving node
-        listed = b.queue_list(all=True)
-        assert {r["status"] for m in listed for r in m["recipients"]} == {"delivered"}
+        # the queue agrees: every recipient delivered, as seen from the surviving node (its
+        # record follows the destination's reply: wait for it)
+        wait_until(lambda: {r["status"] for m in b.queue_list(all=True)
+                            for r in m["recipients"]} == {"delivered"}, 30,
+                   "every recipient recorded as delivered")
 
 
 def test_a_node_frozen_past_its_lease_changes_nothing_when_it_wakes(

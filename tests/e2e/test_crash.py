@@ -84,8 +84,9 @@ class Traffic:
 def verify(relay: RelayProc, traffic: Traffic) -> int:
     with traffic.lock:
         acked = dict(traffic.acked)
-        sent = set(traffic.sent)
     stored = relay.messages()
+    with traffic.lock:  # after the read: the clients go on meanwhile, and what they have
+        sent = set(traffic.sent)  # sent and the relay stored is in this later snapshot
     for qid, digest in acked.items():
         assert qid in stored, f"acknowledged message {qid} is missing after a crash"
         body = stored[qid][1]
