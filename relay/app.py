@@ -29,11 +29,11 @@ from typing import Protocol
 from relay import __version__
 from relay import config as configmod
 from relay import log as relay_log
-from relay.config import Config
+from relay.config import Config, QueueConfig
 from relay.delivery.attempt import Deliverer, DeliverySettings
 from relay.delivery.scheduler import Scheduler, node_owner
 from relay.dns.resolve import Resolver
-from relay.errors import ConfigError, RelayError
+from relay.errors import ConfigError, RelayError, StorageUnavailable
 from relay.intake.auth import UserDb
 from relay.intake.core import Intake, IntakeSettings
 from relay.intake.listener import Listener, load_tls, load_users
@@ -48,6 +48,8 @@ DRAIN_TIMEOUT = 30.0  # seconds the first signal waits for open work before stop
 STOP_TIMEOUT = 5.0  # seconds one component may take to stop after the drain
 EXIT_GRACE = 2.0  # seconds left-over tasks get to end after their cancellation
 RESOLVER_WAIT = 60.0  # seconds deliveries wait at start-up for a validating resolver
+QUEUE_WAIT = 120.0  # seconds `serve` waits at start-up for a shared queue that does not answer
+QUEUE_RETRY = 5.0  # seconds between its tries
 
 
 class Component(Protocol):
@@ -267,7 +269,7 @@ async def serve(cfg: Config, source: str) -> int:
     if problem is not None:
         message = problem.pop("error")
         raise StartupError(message, **problem)
-    store = await open_store(cfg.queue)
+    store = await open_queue(cfg.queue)
     try:
         app = App(build_components(cfg, store, tls=tls, users=users, trust=trust),
                   drain_timeout=cfg.listener.drain_timeout)
@@ -277,6 +279,32 @@ async def serve(cfg: Config, source: str) -> int:
         await store.close()
     event("stopped", code=code)
     return code
+
+
+async def open_queue(queue: QueueConfig, *, wait: float = QUEUE_WAIT,
+                     every: float = QUEUE_RETRY) -> Store:
+    """The configured queue for `serve`. A shared queue (PostgreSQL) that does not answer
+    at start-up is tried again every `every` seconds for `wait` seconds, each failure one
+    `queue_wait` warning naming it, before it is fatal: the database may be starting
+    beside the relay (compose starts both at once), failing over, or coming back with a
+    host that restarts all its containers at once and in no order. A SQLite queue is
+    opened once (nothing to wait for); an error that is not unavailability (a schema
+    newer than this relay) is fatal at once."""
+    if not queue.url:
+        return await open_store(queue)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        try:
+            return await open_store(queue)
+        except StorageUnavailable as exc:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise
+            pause = min(every, left)
+            event("queue_wait", level="warning", error=str(exc), retry_in=round(pause, 1),
+                  gives_up_in=round(left))
+            await asyncio.sleep(pause)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

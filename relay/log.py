@@ -25,6 +25,8 @@ EVENTS: dict[str, str] = {
     "internal_error": "an unexpected exception was contained (session or component, error)",
     "fatal": "relay serve cannot start or go on; it exits (error naming the problem, exit, "
              "and e.g. path, uid, key)",
+    "queue_wait": "start-up: the shared queue (PostgreSQL) does not answer yet; serve tries "
+                  "again (error, retry_in, gives_up_in), then a fatal",
     "gateway_allowed": "listener.allowed_networks covers the default gateway (the Docker "
                        "bridge gateway in a container): who comes through it may relay",
     # intake

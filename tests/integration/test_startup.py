@@ -19,6 +19,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +206,62 @@ def _no_stray_relay_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("RELAY_"):
             monkeypatch.delenv(name)
+
+
+# --- a shared queue (PostgreSQL) that is not up yet -----------------------------------------
+
+
+def test_serve_waits_for_a_shared_queue_that_starts_after_it(tmp_path: Path) -> None:
+    """Compose starts a relay node and its PostgreSQL at once (and a rebooted Docker host
+    restarts every container in no order): the node waits for the database instead of
+    exiting, and serves once it answers."""
+    from tests.support.pgserver import PgServer, available
+
+    why = available()
+    assert why is None, why
+    root = Path(tempfile.mkdtemp(prefix="relay-pg-"))
+    root.chmod(0o755)  # the server runs as the postgres user
+    pg = PgServer(root)
+    pg.start()
+    try:
+        url = pg.create_db("later")
+        pg.stop()  # the queue's database exists; its server is not up when the relay starts
+        relay = RelayProc(tmp_path / "node", deep_merge(default_config(tmp_path / "node"), {
+            "queue": {"url": url, "node": "n1"}}))
+        relay.start(wait=False)
+        try:
+            first = relay.wait_event("queue_wait", timeout=30)
+            assert first["level"] == "warning" and "is unreachable" in first["error"]
+            assert first["retry_in"] == app_module.QUEUE_RETRY
+            assert 0 < first["gives_up_in"] <= app_module.QUEUE_WAIT
+            pg.start()
+            relay.port = int(relay.wait_event("listening", timeout=60, service="smtp")["port"])
+            assert relay.running and relay.events("fatal") == []
+            with relay.smtp() as client:  # the queue takes mail
+                client.sendmail("a@sender.test", ["b@dest.test"], b"Subject: x\r\n\r\nhi\r\n")
+            assert [m["sender"] for m in relay.queue_list()] == ["a@sender.test"]
+        finally:
+            assert relay.stop() == 0
+    finally:
+        pg.destroy()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_serve_gives_up_on_a_shared_queue_that_never_answers() -> None:
+    from relay.config import QueueConfig
+    from relay.errors import StorageUnavailable
+    from tests.support.dnsprocs import free_port
+
+    out = io.StringIO()
+    old = log.log
+    log.configure(stream=out)
+    url = f"postgresql://relay@127.0.0.1:{free_port('127.0.0.1')}/relay"  # nothing listens
+    try:
+        with pytest.raises(StorageUnavailable, match="is unreachable"):
+            await app_module.open_queue(QueueConfig(url=url), wait=0.5, every=0.2)
+    finally:
+        log.log = old
+    waits = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert {e["event"] for e in waits} == {"queue_wait"}
+    assert 2 <= len(waits) <= 4, waits  # tried every 0.2 s for 0.5 s, then the error itself
+    assert all("127.0.0.1" in e["error"] and "relay@" in e["error"] for e in waits)
