@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
+import tempfile
+import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,8 @@ from relay import config as cfgmod
 from relay.ops.metrics import Metrics
 from tests.support.compose_stack import DOC
 from tests.support.dnsbed import DnsBed, dnsbed_fixture
+from tests.support.dnsprocs import free_port, random_addr
+from tests.support.pgserver import available as pg_available
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy/prometheus/dane-relay-alerts.yml"
@@ -54,10 +62,16 @@ def _docker_cfg() -> cfgmod.Config:
 
 def test_compose_file_is_valid() -> None:
     assert shutil.which("docker-compose"), "docker-compose (Debian package) is not installed"
-    r = _run("docker-compose", "config", "-q")
-    assert r.returncode == 0, r.stderr
+    for profile in ([], ["--profile", "cluster"]):
+        r = _run("docker-compose", *profile, "config", "-q")
+        assert r.returncode == 0, r.stderr
     services = _run("docker-compose", "config", "--services").stdout.split()
-    assert sorted(services) == ["relay", "resolver"]
+    assert sorted(services) == ["postgres", "relay", "relay-2", "resolver"]
+    # `docker-compose up -d` starts the services without a profile; `--profile cluster`
+    # adds the others.
+    profiles = {name: svc.get("profiles", []) for name, svc in _compose()["services"].items()}
+    assert profiles == {"resolver": [], "relay": [], "postgres": ["cluster"],
+                        "relay-2": ["cluster"]}
 
 
 def test_compose_points_relay_at_its_resolver_only() -> None:
@@ -162,7 +176,8 @@ def test_unbound_checkconf_rejects_a_broken_file(tmp_path: Path) -> None:
     assert _run("unbound-checkconf", str(conf)).returncode != 0
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile", "resolver.Dockerfile"])
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "resolver.Dockerfile",
+                                        "postgres.Dockerfile"])
 def test_dockerfiles_lint_clean(dockerfile: str) -> None:
     hadolint = shutil.which("hadolint") or str(Path(ROOT / ".venv/bin/hadolint"))
     r = _run(hadolint, "--no-color", dockerfile)
@@ -180,6 +195,256 @@ def test_dockerfile_runs_as_non_root_with_healthcheck() -> None:
 def test_pyproject_console_script() -> None:
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert data["project"]["scripts"]["relay"] == "relay.cli.main:main"
+
+
+# --- the cluster profile: PostgreSQL and a second node ---------------------------------------
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_DIR = ROOT / "deploy/postgres"
+PASSWORD = "stack test's password"  # a quote and spaces: quoted, never interpolated
+
+
+def _resolved(*profile: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`docker-compose config` (variables substituted) with `env` as the environment."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DANE_RELAY_")}
+    r = subprocess.run(["docker-compose", *profile, "config"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, env={**environ, **(env or {})})
+    assert r.returncode == 0, r.stderr
+    data = yaml.safe_load(r.stdout)
+    assert isinstance(data, dict)
+    return data
+
+
+def _published(port: str | dict[str, Any]) -> str:
+    """A published port of `docker-compose config` (short or long syntax, as v1 mixes
+    them): "ADDRESS:PORT", or "PORT" on every address."""
+    if isinstance(port, dict):
+        return ":".join(str(p) for p in (port.get("host_ip"), port["published"]) if p)
+    return port.split("/")[0].rsplit(":", 1)[0]
+
+
+def test_default_relay_keeps_its_sqlite_queue_without_the_cluster_variables() -> None:
+    env = _resolved()["services"]["relay"]["environment"]
+    assert env["RELAY_QUEUE__URL"] in ("", None) and env["PGPASSWORD"] in ("", None)
+    cfg = cfgmod.load(ROOT / "config/relay.docker.toml",
+                      environ={k: v or "" for k, v in env.items()})
+    assert not cfg.queue.url and str(cfg.queue.path) == "/var/spool/dane-relay/relay.db"
+
+
+def test_cluster_profile_makes_two_nodes_of_one_queue() -> None:
+    url = "postgresql://relay@postgres/relay"
+    services = _resolved("--profile", "cluster", env={
+        "DANE_RELAY_QUEUE_URL": url, "DANE_RELAY_DB_PASSWORD": PASSWORD})["services"]
+    nodes = {name: services[name] for name in ("relay", "relay-2")}
+    for name, svc in nodes.items():
+        env = svc["environment"]
+        assert (env["RELAY_QUEUE__URL"], env["PGPASSWORD"]) == (url, PASSWORD), name
+        cfg = cfgmod.load(ROOT / "config/relay.docker.toml", environ=env)
+        assert cfg.queue.url == url and cfg.queue.node == ("relay-1" if name == "relay"
+                                                           else name)
+        assert svc["dns"] == ["172.28.53.53"]
+    assert services["postgres"]["environment"]["DANE_RELAY_DB_PASSWORD"] == PASSWORD
+    # every node reachable on a port of its own
+    published = [_published(p) for svc in nodes.values() for p in svc["ports"]]
+    assert sorted(published) == ["127.0.0.1:9125", "127.0.0.1:9126", "2525", "2526"]
+    # the second node starts once PostgreSQL is healthy; the first cannot depend on a
+    # service of a profile (it starts without one) and waits for the database itself
+    assert nodes["relay-2"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "postgres" not in nodes["relay"]["depends_on"]
+    # the database: its own named volume, no published port, the compose network
+    pg = services["postgres"]
+    assert "ports" not in pg and pg["volumes"] == ["pgdata:/var/lib/postgresql/data:rw"]
+    assert list(pg["networks"]) == ["relaynet"]
+
+
+def test_second_node_is_the_first_one_but_for_what_makes_it_a_second_node() -> None:
+    services = _compose()["services"]
+    relay, second = services["relay"], services["relay-2"]
+    differs = {"profiles", "depends_on", "entrypoint", "command", "ports", "volumes",
+               "networks", "environment"}
+    for key in set(relay) | set(second):
+        if key not in differs:
+            assert relay.get(key) == second.get(key), key
+    same_env = {k: v for k, v in relay["environment"].items() if k != "RELAY_QUEUE__NODE"}
+    assert {k: v for k, v in second["environment"].items() if k != "RELAY_QUEUE__NODE"} \
+        == same_env
+    assert "./config:/etc/dane-relay:ro" in second["volumes"]
+    assert not any(v.startswith("queue:") for v in second["volumes"])  # PostgreSQL's queue
+    assert second["command"] == ["serve"]
+
+
+def _second_node_entrypoint(env: dict[str, str], tmp_path: Path
+                            ) -> subprocess.CompletedProcess[str]:
+    """relay-2's entrypoint from the compose file, with a `relay` on PATH that prints
+    its arguments (the compose file's `$$` is Compose's escape of `$`)."""
+    argv = [a.replace("$$", "$") for a in _compose()["services"]["relay-2"]["entrypoint"]]
+    fake = tmp_path / "relay"
+    fake.write_text('#!/bin/sh\necho "relay $*"\n')
+    fake.chmod(0o755)
+    return subprocess.run([*argv, "serve"], capture_output=True, text=True, timeout=30,
+                          env={"PATH": f"{tmp_path}:/usr/bin:/bin", **env})
+
+
+def test_second_node_refuses_to_start_without_a_shared_queue(tmp_path: Path) -> None:
+    r = _second_node_entrypoint({"RELAY_QUEUE__URL": ""}, tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    fatal = json.loads(r.stdout)
+    assert fatal["event"] == "fatal" and "set DANE_RELAY_QUEUE_URL" in fatal["error"]
+    ok = _second_node_entrypoint({"RELAY_QUEUE__URL": "postgresql://relay@postgres/relay"},
+                                 tmp_path)
+    assert (ok.returncode, ok.stdout) == (0, "relay serve\n")
+
+
+def test_postgres_settings_keep_commits_durable_and_the_network_closed() -> None:
+    conf = (PG_DIR / "postgresql.conf").read_text()
+    settings = dict(re.findall(r"^(\w+) = (\S+)", conf, re.M))
+    assert settings["synchronous_commit"] == "on" and settings["fsync"] == "on"
+    assert settings["password_encryption"] == "scram-sha-256"
+    assert settings["hba_file"] == "'/etc/postgresql/dane-relay/pg_hba.conf'"
+    rules = [line.split() for line in (PG_DIR / "pg_hba.conf").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert rules == [["local", "all", "postgres", "peer"],
+                     ["host", "relay", "relay", "samenet", "scram-sha-256"]]
+    dockerfile = (ROOT / "postgres.Dockerfile").read_text()
+    resolver = (ROOT / "resolver.Dockerfile").read_text()
+    base = re.compile(r"^FROM (\S+)$", re.M)
+    assert base.findall(dockerfile) == base.findall(resolver)  # the same Debian
+    assert "STOPSIGNAL SIGINT" in dockerfile and "\nUSER 10026:10026\n" in dockerfile
+    assert "COPY deploy/postgres/postgresql.conf deploy/postgres/pg_hba.conf " \
+        "/etc/postgresql/dane-relay/" in dockerfile
+    assert (PG_DIR / "entrypoint.sh").stat().st_mode & 0o111
+
+
+class _Postgres:
+    """deploy/postgres/entrypoint.sh run here as it runs in the container (as the
+    postgres user, Debian's PostgreSQL 15), its paths and listen address moved into a
+    temporary folder: the config's socket folder and hba_file, and the address through
+    the entrypoint's arguments (the compose file's `command`)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.host = random_addr()
+        self.port = free_port(self.host)
+        conf = (PG_DIR / "postgresql.conf").read_text()
+        conf = conf.replace("'/etc/postgresql/dane-relay/pg_hba.conf'",
+                            f"'{PG_DIR / 'pg_hba.conf'}'")
+        conf = conf.replace("'/run/postgresql'", f"'{root}'")
+        (root / "postgresql.conf").write_text(conf)
+        self.proc: subprocess.Popen[str] | None = None
+        self.log = root / "server.log"
+
+    def run(self, password: str | None, *, wait: bool = True) -> int | None:
+        env = {"PATH": f"{PG_BIN}:/usr/bin:/bin", "PGDATA": str(self.root / "data"),
+               "DANE_RELAY_PG_CONF": str(self.root / "postgresql.conf")}
+        if password is not None:
+            env["DANE_RELAY_DB_PASSWORD"] = password
+        argv = ["runuser", "-u", "postgres", "--", "env", *[f"{k}={v}" for k, v in env.items()],
+                "sh", str(PG_DIR / "entrypoint.sh"),
+                "-c", f"listen_addresses={self.host}", "-c", f"port={self.port}"]
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
+        if not wait:
+            return self.proc.wait(60)
+        deadline = time.monotonic() + 120
+        while self.healthcheck() != 0:
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.2)
+        return None
+
+    def healthcheck(self) -> int:
+        """The image's HEALTHCHECK command, on this server's socket folder."""
+        argv = _healthcheck("postgres.Dockerfile")
+        argv = [a.replace("/run/postgresql", str(self.root)) for a in argv]
+        argv = [str(PG_BIN / argv[0]), *argv[1:], f"--port={self.port}"]
+        return subprocess.run(argv, capture_output=True, timeout=30).returncode
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            # runuser's child is the entrypoint, exec'd into postgres: the STOPSIGNAL there
+            pid = int((self.root / "data/postmaster.pid").read_text().split()[0])
+            os.kill(pid, signal.SIGINT)
+            self.proc.wait(60)
+
+    async def connect(self, password: str) -> Any:
+        import asyncpg
+
+        return await asyncpg.connect(host=self.host, port=self.port, user="relay",
+                                     database="relay", password=password, timeout=10)
+
+
+@pytest.fixture
+def pg_root() -> Iterator[Path]:
+    why = pg_available()
+    if why:
+        pytest.fail(f"PostgreSQL is needed here: {why}")
+    root = Path(tempfile.mkdtemp(prefix="relay-pg-image-"))
+    root.chmod(0o755)
+    shutil.chown(root, "postgres", "postgres")
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_postgres_entrypoint_refuses_to_start_without_a_password(pg_root: Path) -> None:
+    server = _Postgres(pg_root)
+    assert server.run(None, wait=False) == 1
+    said = server.log.read_text()
+    assert "DANE_RELAY_DB_PASSWORD is not set" in said
+    assert "into the file .env beside docker-compose.yml" in said and "#several-nodes" in said
+    assert server.run("short", wait=False) == 1
+    assert "is 5 characters long: give it at least 12" in server.log.read_text()
+    assert not (pg_root / "data").exists()  # nothing was initialized
+
+
+async def test_postgres_entrypoint_gives_the_relay_role_its_password(pg_root: Path) -> None:
+    import asyncpg
+
+    server = _Postgres(pg_root)
+    server.run(PASSWORD)
+    try:
+        conn = await server.connect(PASSWORD)
+        try:
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+            assert await conn.fetchval("SELECT current_database()") == "relay"
+            role = await conn.fetchrow("SELECT rolsuper, rolcreatedb, rolcreaterole "
+                                       "FROM pg_roles WHERE rolname = current_user")
+            assert tuple(role) == (False, False, False)
+        finally:
+            await conn.close()
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await server.connect("not the password")
+        # The relay's own start-up (migrations) and `relay health`, with the password in
+        # PGPASSWORD as the compose file gives it.
+        env = {"RELAY_QUEUE__URL": f"postgresql://relay@{server.host}:{server.port}/relay",
+               "PGPASSWORD": PASSWORD}
+        nodes = _relay_cli(["queue", "nodes"], env)
+        assert nodes.returncode == 0 and "queue backend: postgresql" in nodes.stdout, \
+            nodes.stdout + nodes.stderr
+        bad = _relay_cli(["queue", "nodes"], {**env, "PGPASSWORD": "wrong"})
+        assert bad.returncode != 0 and "password authentication failed" in bad.stderr
+    finally:
+        server.stop()
+    # A new password at the next start replaces the old one; the data stays.
+    server.run(PASSWORD + " (new)")
+    try:
+        conn = await server.connect(PASSWORD + " (new)")
+        assert await conn.fetchval("SELECT count(*) FROM relay_schema") == 1
+        await conn.close()
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await server.connect(PASSWORD)
+    finally:
+        server.stop()
+    assert server.healthcheck() != 0  # the image's health check fails when it is down
+
+
+def _relay_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("RELAY_", "PG"))}
+    return subprocess.run([sys.executable, "-m", "relay", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**clean, **env, "RELAY_CONFIG": str(ROOT / "config/relay.toml")})
 
 
 # --- the resolver's health check, against real Unbounds --------------------------------------
