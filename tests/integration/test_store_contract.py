@@ -446,3 +446,17 @@ async def test_mta_sts_policy_cache(store: Store) -> None:
                                refresh_before=3600) == ["example.net"]
     assert await store.sts_due(now=T0 + 10, checked_before=T0, refresh_before=3600) == []
     assert [r.domain for r in await store.sts_list()] == ["example.net"]
+
+
+async def test_nodes_are_listed_with_how_long_ago_they_were_seen(store: Store) -> None:
+    # `relay queue nodes`: a heartbeat, then the list (PostgreSQL stamps seen_at with its
+    # own clock and computes the age with it too; the age is a plain float either way)
+    import time
+
+    now = time.time()
+    await store.node_seen("n1/abc", "n1", started_at=now - 5, now=now)
+    [node] = await store.nodes(now=now + 2)
+    assert (node["owner"], node["node"], node["started_at"]) == ("n1/abc", "n1", now - 5)
+    assert type(node["seen_ago"]) is float and 0 <= node["seen_ago"] < 60, node
+    assert await store.forget_nodes(before=node["seen_at"] + 1) == 1
+    assert await store.nodes(now=now) == []

@@ -330,7 +330,7 @@ VALUES (:owner, :node, :started_at, extract(epoch FROM clock_timestamp()))
 ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at;
 
 -- name: node_list
-SELECT owner, node, started_at, seen_at, extract(epoch FROM clock_timestamp())
+SELECT owner, node, started_at, seen_at, extract(epoch FROM clock_timestamp())::double precision
 FROM nodes ORDER BY node, started_at;
 
 -- name: node_forget
