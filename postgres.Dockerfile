@@ -32,10 +32,11 @@ VOLUME ["/var/lib/postgresql/data"]
 EXPOSE 5432
 
 # Healthy once the server takes connections on its socket (the set-up server of the
-# entrypoint listens elsewhere, so a server still being set up is not healthy). A short
-# interval: the second relay node waits for this before it starts.
+# entrypoint listens elsewhere, so a server still being set up is not healthy). As the
+# user postgres (peer): a probe as `relay` over the socket would log a refusal each time.
+# A short interval: the second relay node waits for this before it starts.
 HEALTHCHECK --interval=5s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["pg_isready", "--quiet", "--host=/run/postgresql", "--username=relay", "--dbname=relay"]
+  CMD ["pg_isready", "--quiet", "--host=/run/postgresql", "--username=postgres", "--dbname=relay"]
 
 # SIGINT is PostgreSQL's fast shutdown (clients disconnected, a clean checkpoint);
 # SIGTERM would wait for every client (the relay nodes) to leave first.

@@ -50,7 +50,6 @@ from tests.support.compose_world import (
     LAN_HOST,
     RELAY_NAME,
     WORLD_IP,
-    HostNetwork,
     World,
 )
 from tests.support.dnsbed import DnsBed, dnsbed_fixture
@@ -183,22 +182,9 @@ HOLD = 12.0  # seconds a transaction stays open after `stop`: longer than Docker
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    from tests.support.docker_engine import DockerEngine
-
-    work = tmp_path_factory.mktemp("compose-stack")
-    engine = DockerEngine(work / "engine")
-    net = HostNetwork()
-    w = World(work / "world", net)
-    try:
-        engine.start()
-        engine.ensure_base_images([ROOT / "Dockerfile", ROOT / "resolver.Dockerfile"])
-        w.start()
-        yield w
-    finally:
-        w.stop()
-        engine.stop()
-        print("\n".join(["", *engine.notes]))
+def world(compose_world: World) -> World:
+    """The engine and the world of the session (tests/e2e/conftest.py)."""
+    return compose_world
 
 
 @pytest.fixture(scope="module")

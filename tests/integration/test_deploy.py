@@ -34,7 +34,7 @@ from prometheus_client import generate_latest
 
 from relay import config as cfgmod
 from relay.ops.metrics import Metrics
-from tests.support.compose_stack import DOC
+from tests.support.compose_stack import CLUSTER_DOC, DOC
 from tests.support.dnsbed import DnsBed, dnsbed_fixture
 from tests.support.dnsprocs import free_port, random_addr
 from tests.support.pgserver import available as pg_available
@@ -261,7 +261,7 @@ def test_second_node_is_the_first_one_but_for_what_makes_it_a_second_node() -> N
     services = _compose()["services"]
     relay, second = services["relay"], services["relay-2"]
     differs = {"profiles", "depends_on", "entrypoint", "command", "ports", "volumes",
-               "networks", "environment"}
+               "tmpfs", "networks", "environment"}
     for key in set(relay) | set(second):
         if key not in differs:
             assert relay.get(key) == second.get(key), key
@@ -270,6 +270,8 @@ def test_second_node_is_the_first_one_but_for_what_makes_it_a_second_node() -> N
         == same_env
     assert "./config:/etc/dane-relay:ro" in second["volumes"]
     assert not any(v.startswith("queue:") for v in second["volumes"])  # PostgreSQL's queue
+    # and no anonymous volume for the image's queue folder, left behind at each `down`
+    assert [t.split(":")[0] for t in second["tmpfs"]] == ["/var/spool/dane-relay"]
     assert second["command"] == ["serve"]
 
 
@@ -567,8 +569,9 @@ def test_dashboard_shows_every_exported_metric() -> None:
 
 def test_deploy_doc_has_every_command_the_stack_test_runs() -> None:
     text = (ROOT / "docs/deploy.md").read_text()
-    missing = [c for c in DOC.values() if c not in text]
+    missing = [c for c in [*DOC.values(), *CLUSTER_DOC.values()] if c not in text]
     assert missing == [], missing
+    assert "\n## Several nodes\n" in text  # docs/cluster.md links #several-nodes
     for link in ("deploy/prometheus/dane-relay-alerts.yml",
                  "deploy/grafana/dane-relay-dashboard.json"):
         assert link in text and (ROOT / link).exists()

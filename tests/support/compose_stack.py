@@ -4,9 +4,10 @@ verbatim, plus the look-ups a test needs (containers, health, the relay's log).
 Every command runs in the repository with `COMPOSE_FILE` = docker-compose.yml plus the
 test's override file, `COMPOSE_PROJECT_NAME` = `PROJECT`, and the published ports from
 `DANE_RELAY_SMTP_PORT` / `DANE_RELAY_METRICS_PORT` (free ports: this machine is shared).
-`Stack.doc(name)` runs the command `DOC[name]` only after checking that docs/deploy.md
-says it word for word (with Compose v2 only, `docker-compose ` becomes `docker compose `);
-it runs under a pseudo-terminal, as typed by an operator (`exec` wants one).
+`Stack.doc(name)` runs the command `DOC[name]` (`CLUSTER_DOC[name]` for a `Stack` made
+with `cluster=True`) only after checking that docs/deploy.md says it word for word (with
+Compose v2 only, `docker-compose ` becomes `docker compose `); it runs under a
+pseudo-terminal, as typed by an operator (`exec` wants one).
 """
 
 from __future__ import annotations
@@ -53,6 +54,24 @@ DOC: dict[str, str] = {
     "restore-start": "docker-compose up -d relay",
 }
 
+# The same for the profile `cluster` (docs/deploy.md, "Several nodes"); the two `env-`
+# lines run beside docker-compose.yml, where Compose reads `.env`.
+CLUSTER_DOC: dict[str, str] = {
+    "env-password": 'echo "DANE_RELAY_DB_PASSWORD=$(openssl rand -hex 24)" >> .env',
+    "env-url": 'echo "DANE_RELAY_QUEUE_URL=postgresql://relay@postgres/relay" >> .env',
+    "up": "docker-compose --profile cluster up -d --build",
+    "ps": "docker-compose --profile cluster ps",
+    "nodes": "docker-compose exec relay relay queue nodes",
+    "send-1": DOC["send"],
+    "send-2": "swaks --server relay.example.com:2526 --from you@example.com "
+              "--to someone@example.org",
+    "list-2": "docker-compose exec relay-2 relay queue list --all",
+    "kill": "docker-compose kill relay",
+    "start": "docker-compose --profile cluster up -d",
+    "dump": "docker-compose exec -T postgres pg_dump --format=custom relay > relay-queue.dump",
+    "down": "docker-compose --profile cluster down",
+}
+
 
 def quiet_port(host: str) -> int:
     """A free TCP port below the ephemeral range: the stack publishes it only after the
@@ -85,14 +104,16 @@ def compose_argv() -> list[str]:
 
 
 class Stack:
-    def __init__(self, override: Path, workdir: Path, smtp_port: int, metrics_port: int):
+    def __init__(self, override: Path, workdir: Path, smtp_port: int, metrics_port: int, *,
+                 cluster: bool = False, env: dict[str, str] | None = None):
         self.workdir = workdir
         self.smtp_port, self.metrics_port = smtp_port, metrics_port
-        self.env = {**os.environ,
+        self.commands = CLUSTER_DOC if cluster else DOC
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("DANE_RELAY_")},
                     "COMPOSE_FILE": f"{ROOT / 'docker-compose.yml'}:{override}",
                     "COMPOSE_PROJECT_NAME": PROJECT,
                     "DANE_RELAY_SMTP_PORT": str(smtp_port),
-                    "DANE_RELAY_METRICS_PORT": str(metrics_port)}
+                    "DANE_RELAY_METRICS_PORT": str(metrics_port), **(env or {})}
         self.env.pop("RELAY_CONFIG", None)
         self.compose_cmd = compose_argv()
         self.transcript: list[str] = []
@@ -116,12 +137,12 @@ class Stack:
         return r
 
     def doc(self, name: str, *, subst: dict[str, str] | None = None, timeout: float = 600,
-            check: bool = True, tty: bool = True,
-            prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+            check: bool = True, tty: bool = True, prefix: list[str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         """Run docs/deploy.md's command `name` (after `subst` replacements, for the
-        placeholders an operator fills in) in a shell, in the operator's folder;
-        `prefix`: where it runs (e.g. `ip netns exec NS`, a machine on the LAN)."""
-        command = DOC[name]
+        placeholders an operator fills in) in a shell, in the operator's folder (or
+        `cwd`); `prefix`: where it runs (e.g. `ip netns exec NS`, a machine on the LAN)."""
+        command = self.commands[name]
         assert command in DEPLOY_DOC.read_text(), f"docs/deploy.md lacks {command!r}"
         for old, new in (subst or {}).items():
             command = command.replace(old, new)
@@ -131,7 +152,7 @@ class Stack:
         if tty:  # `script` gives the command a terminal, as an operator's shell does
             argv = ["script", "-qefc", shlex.join(argv), "/dev/null"]
         self._ids.clear()
-        r = subprocess.run(argv, cwd=self.workdir, env=self.env, capture_output=True,
+        r = subprocess.run(argv, cwd=cwd or self.workdir, env=self.env, capture_output=True,
                            stdin=subprocess.DEVNULL, text=True, timeout=timeout)
         r = subprocess.CompletedProcess(r.args, r.returncode, _clean(r.stdout),
                                         _clean(r.stderr))
@@ -141,10 +162,11 @@ class Stack:
                                  f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         return r
 
-    def relay(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """`relay ARGS` inside the running relay container (no terminal; `docker exec`,
-        which starts in a fraction of the time Compose v1 takes)."""
-        r = subprocess.run(["docker", "exec", self.container("relay"), "relay", *args],
+    def relay(self, *args: str, check: bool = True,
+              service: str = "relay") -> subprocess.CompletedProcess[str]:
+        """`relay ARGS` inside the running container of `service` (no terminal; `docker
+        exec`, which starts in a fraction of the time Compose v1 takes)."""
+        r = subprocess.run(["docker", "exec", self.container(service), "relay", *args],
                            capture_output=True, text=True, timeout=120)
         self._note(" ".join(["relay", *args]), r)
         if check and r.returncode != 0:
@@ -152,8 +174,9 @@ class Stack:
                                  f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         return r
 
-    def show(self, queue_id: str) -> dict[str, Any]:
-        return json.loads(self.relay("queue", "show", queue_id, "--json").stdout)
+    def show(self, queue_id: str, service: str = "relay") -> dict[str, Any]:
+        return json.loads(self.relay("queue", "show", queue_id, "--json",
+                                     service=service).stdout)
 
     def _note(self, what: str, r: subprocess.CompletedProcess[str]) -> None:
         at = time.monotonic() - self._t0
@@ -217,9 +240,9 @@ class Stack:
                            text=True, timeout=60)
         return r.stdout + r.stderr
 
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+    def events(self, name: str | None = None, service: str = "relay") -> list[dict[str, Any]]:
         out = []
-        for line in self.logs("relay").splitlines():
+        for line in self.logs(service).splitlines():
             if line.startswith("{"):
                 ev = json.loads(line)
                 if name is None or ev.get("event") == name:
@@ -227,21 +250,21 @@ class Stack:
         return out
 
     def wait_event(self, name: str, match: Callable[[dict[str, Any]], bool] = lambda e: True,
-                   timeout: float = 60) -> dict[str, Any]:
+                   timeout: float = 60, service: str = "relay") -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
-            found = [e for e in self.events(name) if match(e)]
+            found = [e for e in self.events(name, service) if match(e)]
             if found:
                 return found[-1]
             assert time.monotonic() < deadline, \
-                f"no {name} event in {timeout:g} s:\n{self.logs()[-4000:]}"
+                f"no {name} event in {timeout:g} s:\n{self.logs(service)[-4000:]}"
             time.sleep(0.5)
 
     def wait_status(self, queue_id: str, address: str, status: str,
-                    timeout: float = 90) -> dict[str, Any]:
+                    timeout: float = 90, service: str = "relay") -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
-            msg = self.show(queue_id)
+            msg = self.show(queue_id, service)
             rcpt = next(r for r in msg["recipients"] if r["address"] == address)
             if rcpt["status"] == status:
                 return rcpt

@@ -18,7 +18,8 @@ signed DNS tree, a DANE destination, a LAN client, and the compose override file
   not local).
 - `override()`: the compose override that mounts that resolver config, sets the
   destination port and the relay's name, and lets image builds use the host's network
-  (the fence drops container traffic to the outside).
+  (the fence drops container traffic to the outside); with `cluster=True` the same for
+  the services of the profile `cluster` (the second relay node, PostgreSQL).
 """
 
 from __future__ import annotations
@@ -124,25 +125,31 @@ class World:
             text += f'\nstub-zone:\n    name: "{origin}"\n    stub-addr: {ns[0]}@{ns[1]}\n'
         return text
 
-    def override(self, shipped_unbound: str) -> dict[str, Any]:
+    def override(self, shipped_unbound: str, *, cluster: bool = False) -> dict[str, Any]:
         conf = self.dir / "unbound.conf"
         conf.write_text(self.unbound_conf(shipped_unbound))
         conf.chmod(0o644)
         anchor = self.bed.dir / "root.anchor"
         anchor.chmod(0o644)
-        return {"services": {
+        relay = {"build": {"network": "host"},
+                 "environment": {"RELAY_DELIVERY__PORT": str(self.port),
+                                 "RELAY_LISTENER__HOSTNAME": RELAY_NAME}}
+        services: dict[str, Any] = {
             "resolver": {
                 "build": {"network": "host"},
                 "volumes": [f"{conf}:/etc/unbound/unbound.conf:ro",
                             f"{anchor}:{ANCHOR_IN_CONTAINER}:ro"]},
-            "relay": {
-                "build": {"network": "host"},
-                "environment": {"RELAY_DELIVERY__PORT": str(self.port),
-                                "RELAY_LISTENER__HOSTNAME": RELAY_NAME}},
-        }}
+            "relay": relay,
+        }
+        if cluster:  # the profile's services: the same for the second node, host builds
+            services["relay-2"] = relay
+            services["postgres"] = {"build": {"network": "host"}}
+        return {"services": services}
 
-    def write_override(self, shipped_unbound: str) -> Path:
-        path = self.dir / "docker-compose.stack-test.yml"
+    def write_override(self, shipped_unbound: str, *, cluster: bool = False) -> Path:
+        name = "docker-compose.cluster-test.yml" if cluster else "docker-compose.stack-test.yml"
+        path = self.dir / name
         # JSON is YAML: Compose v1 and v2 read it as an override file.
-        path.write_text(json.dumps(self.override(shipped_unbound), indent=2) + "\n")
+        path.write_text(json.dumps(self.override(shipped_unbound, cluster=cluster), indent=2)
+                        + "\n")
         return path
