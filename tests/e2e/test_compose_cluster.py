@@ -7,13 +7,15 @@ destination on the Docker host, a LAN mail server in a network namespace).
 In order: the database refuses to start without its password; the profile comes up with
 all four containers healthy; mail from the LAN to each node's published port is
 delivered with DNSSEC and DANE, and either node sees the other's mail (one queue); `relay
-queue nodes` lists both nodes; node 1 is killed (SIGKILL) while it holds open
-transactions at the destination and the other node takes its work over and delivers
-everything accepted; the database backup command; the queue across `down`/`up`.
+queue nodes` lists both nodes; a single node's SQLite queue is imported; node 1 is
+killed (SIGKILL) while it holds open transactions at the destination and the other node
+takes its work over and delivers everything accepted; the database backup command; the
+queue across `down`/`up`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -21,9 +23,12 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from relay.model import Envelope
+from relay.store import Store
 from tests.support.compose_stack import PROJECT, ROOT, Stack, quiet_port
 from tests.support.compose_world import LAN_HOST, RELAY_NAME, WORLD_IP, World
 from tests.support.smtpd import ConnectionLog, Received
@@ -62,6 +67,8 @@ def cluster(world: World) -> Iterator[Stack]:
     try:
         s.doc("env-password", cwd=ROOT)
         s.doc("env-url", cwd=ROOT)
+        s.doc("env-chmod", cwd=ROOT)
+        assert ENV_FILE.stat().st_mode & 0o777 == 0o600
         began = time.monotonic()
         s.doc("up", timeout=1800)
         s.started_in = time.monotonic() - began
@@ -173,6 +180,38 @@ def test_queue_nodes_lists_both_nodes(cluster: Stack) -> None:
         time.sleep(3)
     assert "queue backend: postgresql" in out
     assert re.search(r"^ +purge +held by relay-[12]/", out, re.M), out  # once per cluster
+
+
+@pytest.mark.compose
+@pytest.mark.timeout(300)
+def test_a_single_node_s_sqlite_queue_is_imported(cluster: Stack, tmp_path: Path) -> None:
+    """Step 6: mail left in the SQLite queue of `relay` when it ran alone (made here with
+    the relay's own store, then put where that queue lives) moves into the shared queue
+    and is delivered."""
+    db = tmp_path / "relay.db"
+
+    async def single_node_queue() -> str:
+        store = await Store.open(db)
+        try:
+            return await store.enqueue(Envelope(
+                sender=SENDER, recipients=(RCPT,), client_ip="10.253.53.2",
+                client_helo="mx1.lan.test",
+                body=b"From: <app@lan.test>\r\nTo: <user@dest.test>\r\n"
+                     b"Subject: left in the SQLite queue\r\n\r\nhello\r\n"), now=time.time())
+        finally:
+            await store.close()
+
+    qid = asyncio.run(single_node_queue())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["relay.db"]  # no WAL left
+    with open(db, "rb") as data:  # written by the relay's user, into its own volume
+        subprocess.run(["docker", "exec", "-i", cluster.container("relay"), "sh", "-c",
+                        "cat > /var/spool/dane-relay/relay.db"], stdin=data, check=True,
+                       capture_output=True, timeout=60)
+    out = cluster.doc("import").stdout
+    assert "moved 1 message(s) with 1 recipient(s) from /var/spool/dane-relay/relay.db" \
+        in out, out
+    rcpt = cluster.wait_status(qid, RCPT, "delivered", timeout=120, service="relay-2")
+    assert rcpt["history"][-1]["dane"].startswith("authenticated"), rcpt
 
 
 @pytest.mark.compose

@@ -59,6 +59,7 @@ DOC: dict[str, str] = {
 CLUSTER_DOC: dict[str, str] = {
     "env-password": 'echo "DANE_RELAY_DB_PASSWORD=$(openssl rand -hex 24)" >> .env',
     "env-url": 'echo "DANE_RELAY_QUEUE_URL=postgresql://relay@postgres/relay" >> .env',
+    "env-chmod": "chmod 600 .env",
     "up": "docker-compose --profile cluster up -d --build",
     "ps": "docker-compose --profile cluster ps",
     "nodes": "docker-compose exec relay relay queue nodes",
@@ -66,6 +67,7 @@ CLUSTER_DOC: dict[str, str] = {
     "send-2": "swaks --server relay.example.com:2526 --from you@example.com "
               "--to someone@example.org",
     "list-2": "docker-compose exec relay-2 relay queue list --all",
+    "import": "docker-compose exec relay relay queue import /var/spool/dane-relay/relay.db",
     "kill": "docker-compose kill relay",
     "start": "docker-compose --profile cluster up -d",
     "dump": "docker-compose exec -T postgres pg_dump --format=custom relay > relay-queue.dump",
