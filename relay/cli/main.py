@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     ql.add_argument("--code", help="enhanced status code, e.g. 4.7.323")
     ql.add_argument("--sender")
     ql.add_argument("--recipient")
+    ql.add_argument("--limit", type=int, metavar="N",
+                    help="at most N messages (default: all, streamed page by page)")
+    ql.add_argument("--after", metavar="ID",
+                    help="start after this queue id (the next page of a --limit)")
     qs = q_sub.add_parser("show", parents=[common], help="one message with its delivery trace")
     qs.add_argument("id")
     qs.add_argument("--json", action="store_true")

