@@ -33,7 +33,7 @@ from relay.config import Config, QueueConfig
 from relay.delivery.attempt import Deliverer, DeliverySettings
 from relay.delivery.scheduler import Scheduler, node_owner
 from relay.dns.resolve import Resolver
-from relay.errors import ConfigError, RelayError, StorageUnavailable
+from relay.errors import ConfigError, CorruptDatabase, RelayError, StorageUnavailable
 from relay.intake.auth import UserDb
 from relay.intake.core import Intake, IntakeSettings
 from relay.intake.listener import Listener, load_tls, load_users
@@ -181,6 +181,32 @@ class AfterResolver:
             await self.inner.stop()
 
 
+class QueueWatch:
+    """Ends (fatally: the relay drains and exits 1) when the background integrity check
+    of the queue finds its file damaged (relay.store.sqlite.integrity; the store refuses
+    every write from that moment, so intake answers 451 meanwhile). The check runs only
+    after an unclean stop, beside the listener: start-up does not wait for it."""
+
+    name = "queue"
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def start(self) -> None:
+        return None
+
+    async def wait(self) -> None:
+        detail = await self.store.damaged()
+        raise CorruptDatabase(f"queue database {self.store.backend.where} is damaged "
+                              f"({detail})")
+
+    async def drain(self, deadline: float) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
 async def _stop_one(component: Component) -> bool:
     """`component.stop()`, bounded: a component that hangs (say, one that swallowed its
     cancellation) is logged and left behind rather than keeping the relay up."""
@@ -240,6 +266,7 @@ def build_components(cfg: Config, store: Store, *, tls: ssl.SSLContext | None,
     components.append(probe)
     if cfg.metrics.listen:
         components.append(MetricsComponent(cfg, store, listener, resolver, owner=owner))
+    components.append(QueueWatch(store))
     return components
 
 
@@ -269,6 +296,9 @@ async def serve(cfg: Config, source: str) -> int:
     if problem is not None:
         message = problem.pop("error")
         raise StartupError(message, **problem)
+    # The queue's integrity check runs only after an unclean stop, and then in the
+    # background (QueueWatch stops the relay if it finds damage): start-up time does not
+    # grow with the depth of the queue.
     store = await open_queue(cfg.queue)
     try:
         app = App(build_components(cfg, store, tls=tls, users=users, trust=trust),
@@ -291,7 +321,7 @@ async def open_queue(queue: QueueConfig, *, wait: float = QUEUE_WAIT,
     opened once (nothing to wait for); an error that is not unavailability (a schema
     newer than this relay) is fatal at once."""
     if not queue.url:
-        return await open_store(queue)
+        return await open_store(queue, check="auto")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while True:

@@ -33,7 +33,8 @@ class StorageUnavailable(StoreError):
 
 
 class CorruptDatabase(StoreError):
-    """quick_check failed at start-up; the database is refused, never re-created."""
+    """quick_check failed (at start-up, or in the background after an unclean stop);
+    the database is refused, never re-created."""
 
 
 class NotFound(StoreError):

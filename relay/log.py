@@ -27,6 +27,9 @@ EVENTS: dict[str, str] = {
              "and e.g. path, uid, key)",
     "queue_wait": "start-up: the shared queue (PostgreSQL) does not answer yet; serve tries "
                   "again (error, retry_in, gives_up_in), then a fatal",
+    "integrity_check": "the queue file's integrity check (SQLite quick_check), run after an "
+                       "unclean stop in the background: result started | ok | damaged "
+                       "(path, reason, seconds, detail, action)",
     "gateway_allowed": "listener.allowed_networks covers the default gateway (the Docker "
                        "bridge gateway in a container): who comes through it may relay",
     # intake

@@ -38,8 +38,10 @@ async def store_health(queue: QueueConfig) -> tuple[bool, str]:
     return await asyncio.to_thread(sqlite_health, queue.path)
 
 
-async def open_store(queue: QueueConfig, *, check: bool = True, create: bool = True) -> Store:
-    """The configured queue: PostgreSQL when `queue.url` is set, else the SQLite file."""
+async def open_store(queue: QueueConfig, *, check: bool | str = True,
+                     create: bool = True) -> Store:
+    """The configured queue: PostgreSQL when `queue.url` is set, else the SQLite file
+    (`check`: see Store.open; PostgreSQL answers for its own files)."""
     if queue.url:
         return await Store.open_url(queue.url, commit_batch=queue.commit_batch,
                                     readers=queue.readers)

@@ -104,13 +104,15 @@ class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
         commit_batch: int = 512,
         busy_timeout: float = 5.0,
         max_page_count: int | None = None,
-        check: bool = True,
+        check: bool | str = True,
         create: bool = True,
         readers: int = READERS,
     ) -> Store:
         """Open (creating it and its folder if needed) and migrate a SQLite queue.
 
-        `check`: run `PRAGMA quick_check` first (CorruptDatabase if it fails).
+        `check`: True runs `PRAGMA quick_check` first (CorruptDatabase if it fails);
+        "auto" (`relay serve`) checks only after an unclean stop, in the background
+        (relay.store.sqlite.integrity; `damaged()` reports what it finds); False: none.
         `create=False`: a missing file is an error instead of a new queue.
         `max_page_count`: a page limit for the writer (tests simulate a full disk).
         """
@@ -149,6 +151,15 @@ class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
             return
         self._closed = True
         await self.backend.close()
+
+    async def damaged(self) -> str:
+        """What is wrong with the queue's file, once a background integrity check finds
+        it damaged (its writes are refused from then on); waits for ever otherwise."""
+        fn = getattr(self.backend, "damaged", None)
+        if fn is None:
+            await asyncio.Event().wait()
+        assert fn is not None
+        return str(await fn())
 
     async def __aenter__(self) -> Store:
         return self

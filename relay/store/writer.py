@@ -99,6 +99,7 @@ class Writer:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._failing: str | None = None  # "full" | "unavailable" while writes fail
+        self._fenced: StoreError | None = None  # set by fence(): every write fails
         self.commits = 0  # transactions committed (for tests and metrics)
         self.items = 0  # items committed
 
@@ -129,8 +130,15 @@ class Writer:
         return fut
 
     def _check_open(self) -> None:
+        if self._fenced is not None:
+            raise self._fenced
         if self._closing:
             raise StorageUnavailable(f"queue database {self._dialect.where} is closing")
+
+    def fence(self, error: StoreError) -> None:
+        """From now on every write fails with `error`, also those already queued (the
+        database was found damaged: nothing more goes into it)."""
+        self._fenced = error
 
     async def close(self) -> None:
         """Finish everything already submitted, then close the connection."""
@@ -169,6 +177,11 @@ class Writer:
     async def _run_batch(self, batch: Sequence[_Insert | _Op]) -> None:
         live = [it for it in batch if not it.future.cancelled()]
         if not live:
+            return
+        if self._fenced is not None:
+            for it in live:
+                if not it.future.done():
+                    it.future.set_exception(self._fenced)
             return
         results: list[tuple[bool, Any]] = []
         d = self._dialect

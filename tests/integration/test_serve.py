@@ -167,6 +167,52 @@ def test_corrupt_database_is_refused_and_left_alone(tmp_path: Path) -> None:
         "starting", "fatal"]
 
 
+def test_damage_found_after_an_unclean_stop_stops_the_relay_and_refuses_the_file(
+        tmp_path: Path) -> None:
+    """Issue 14: the integrity check runs after an unclean stop, in the background: the
+    relay listens at once; when the check finds the file damaged it stops (exit 1),
+    and the next start refuses the file before listening."""
+    from relay.model import Envelope
+    from relay.store import Store
+    from relay.store.sqlite.runstate import marker_path
+
+    relay = RelayProc(tmp_path, default_config(tmp_path))
+    db = relay.db_path
+
+    async def fill() -> None:
+        store = await Store.open(db, check="auto")
+        await asyncio.gather(*(store.enqueue(Envelope("a@example.org", (f"r{i}@x.example",),
+                                                      b"Subject: t\r\n\r\nx\r\n"), now=1.0)
+                               for i in range(30)))
+        await store.close()
+
+    asyncio.run(fill())
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'recipients'"
+                           ).fetchone()
+    conn.close()
+    with db.open("r+b") as f:  # a damaged page, as a power cut may leave one
+        f.seek((root - 1) * page_size)
+        f.write(b"\xa5" * page_size)
+    state = json.loads(marker_path(db).read_text())
+    marker_path(db).write_text(json.dumps({**state, "state": "running"}))  # unclean stop
+    relay.start()  # listening: the check does not hold the listener
+    assert relay.wait_exit(30) == 1
+    damaged = relay.wait_event("integrity_check", result="damaged")
+    assert damaged["level"] == "error" and damaged["path"] == str(db)
+    assert damaged["reason"] == "unclean stop"
+    names = [e["event"] + str(e.get("result", "")) for e in relay.events()]
+    assert names.index("integrity_checkstarted") < names.index("listening")
+    assert relay.events("draining")[0]["level"] == "error"
+    assert relay.events("stopped")[-1]["code"] == 1
+    again = _run_serve(tmp_path)
+    assert again.returncode == 1
+    assert "corrupt" in _fatal(again) and "quick_check" in _fatal(again)
+
+
 def test_port_in_use_exits_1(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

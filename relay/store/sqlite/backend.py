@@ -18,13 +18,15 @@ from typing import Any
 
 import aiosqlite
 
-from relay.errors import StoreError
+from relay.errors import StorageUnavailable, StoreError
 from relay.store.conn import Conn, Op, T
 from relay.store.sqlfiles import Queries
 from relay.store.sqlite import errors as errs
 from relay.store.sqlite import schema
 from relay.store.sqlite.conn import SqliteConn
+from relay.store.sqlite.integrity import Integrity
 from relay.store.sqlite.readers import Readers
+from relay.store.sqlite.runstate import DAMAGED, OK, PENDING, read_state
 from relay.store.writer import Writer
 
 Q = Queries("sqlite")
@@ -76,27 +78,36 @@ class SqliteBackend:
     kind = "sqlite"
     q = Q
 
-    def __init__(self, dialect: SqliteDialect, writer: Writer, readers: Readers) -> None:
+    def __init__(self, dialect: SqliteDialect, writer: Writer, readers: Readers,
+                 integrity: Integrity | None = None) -> None:
         self.dialect = dialect
         self.path = dialect.path
         self.where = dialect.where
         self.writer = writer
         self._readers = readers
+        self.integrity = integrity
 
     @classmethod
     async def open(
         cls, path: str | os.PathLike[str], *, commit_batch: int = 512,
-        busy_timeout: float = 5.0, max_page_count: int | None = None, check: bool = True,
-        create: bool = True, readers: int = 4,
+        busy_timeout: float = 5.0, max_page_count: int | None = None,
+        check: bool | str = True, create: bool = True, readers: int = 4,
         on_commit: Callable[[bool], None] | None = None,
     ) -> SqliteBackend:
+        """`check`: True runs `quick_check` before anything else (CorruptDatabase if it
+        fails); "auto" is `relay serve`'s: only when the last run did not stop cleanly,
+        and then in the background (relay.store.sqlite.integrity); False: none."""
         db = _prepare(Path(path), create)
         dialect = SqliteDialect(db, busy_timeout=busy_timeout, max_page_count=max_page_count)
         conn: aiosqlite.Connection | None = None
         first: sqlite3.Connection | None = None
+        integrity = Integrity(db) if check == "auto" else None
         try:
+            if integrity is not None:
+                new = not db.exists() or db.stat().st_size == 0
+                await asyncio.to_thread(integrity.plan, new=new)
             conn = await dialect.connect()
-            if check:
+            if check is True:
                 await schema.quick_check(conn, db)
             await schema.migrate(conn, db)
             # the first read connection, opened now so that a file that cannot be read
@@ -106,12 +117,30 @@ class SqliteBackend:
         except (sqlite3.Error, OSError, StoreError) as exc:
             if conn is not None:
                 await conn.close()
+            if integrity is not None:
+                await integrity.close()
             raise errs.open_error(exc, db) from None
         writer = Writer(dialect, conn, batch_max=commit_batch, on_commit=on_commit)
         pool = Readers(lambda: schema.connect_reader(db, busy_timeout=busy_timeout), readers,
                        first=first)
         writer.start()
-        return cls(dialect, writer, pool)
+        backend = cls(dialect, writer, pool, integrity)
+        if integrity is not None:
+            integrity.start(backend._damaged)
+        return backend
+
+    def _damaged(self, detail: str) -> None:
+        """The background check found damage: no further write goes into the file."""
+        self.writer.fence(StorageUnavailable(
+            f"queue database {self.path} is damaged ({detail}): intake and delivery stopped"))
+
+    async def damaged(self) -> str:
+        """Returns (what is wrong) when the background integrity check finds the file
+        damaged; waits for ever when it does not (or none runs)."""
+        if self.integrity is None or self.integrity.damaged is None:
+            await asyncio.Event().wait()
+        assert self.integrity is not None and self.integrity.damaged is not None
+        return await asyncio.shield(self.integrity.damaged)
 
     async def read(self, fn: Op) -> T:  # type: ignore[type-var]
         """`fn(conn)` in one read transaction (one snapshot) on a connection of its own."""
@@ -121,8 +150,12 @@ class SqliteBackend:
             raise errs.storage_error(exc, self.path) from None
 
     async def close(self) -> None:
-        await self.writer.close()
-        await self._readers.close()
+        try:
+            await self.writer.close()
+            await self._readers.close()
+        finally:
+            if self.integrity is not None:
+                await self.integrity.close()
 
     async def set_max_page_count(self, pages: int) -> int:
         """Change the writer's page limit (a full-disk simulation for tests)."""
@@ -192,16 +225,27 @@ def _backup_finish(tmp: Path, dest: Path) -> None:
 
 
 def health(path: Path) -> tuple[bool, str]:
-    """`relay health`: the file opens read-only and passes `quick_check` (no writer, no
-    migration: the relay may be running)."""
+    """`relay health` (every 30 s in a container): the file opens read-only and its
+    schema reads, and the last integrity check (relay.store.sqlite.runstate) did not
+    find it damaged. No `quick_check` here: it reads the whole file (a minute at 1 M
+    queued messages); `relay serve` runs it after an unclean stop."""
     if not path.exists():
         return False, f"{path}: no queue database"
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
         try:
-            row = conn.execute("PRAGMA quick_check").fetchone()
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         finally:
             conn.close()
     except sqlite3.Error as exc:
         return False, f"{path}: {exc}"
-    return row[0] == "ok", f"{path}: quick_check {row[0]}"
+    state = read_state(path)
+    if state is not None and state.check == DAMAGED:
+        return False, f"{path}: found damaged {state.since}: {state.detail}"
+    detail = f"{path}: schema version {version}"
+    if state is not None and state.check == PENDING:
+        detail += f"; integrity check owed ({state.detail or 'unclean stop'})"
+    elif state is not None and state.check == OK:
+        detail += "; integrity ok"
+    return True, detail
