@@ -12,6 +12,8 @@ from relay.errors import StoreError
 from relay.store.sqlfiles import Migration, migrations, statements
 from relay.store.sqlite import errors as errs
 
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file is truncated to after a checkpoint
+
 
 async def connect(
     path: Path,
@@ -31,6 +33,9 @@ async def connect(
         if row is None or str(row[0]).lower() != "wal":
             raise StoreError(f"queue database {path}: cannot switch to WAL mode ({row})")
         await conn.execute("PRAGMA synchronous = FULL")
+        # The WAL grows while a long reader (the background integrity check, a backup)
+        # keeps checkpoints from starting over; truncate it back after that.
+        await conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         if max_page_count is not None:
             await set_max_page_count(conn, max_page_count)
     except BaseException:
