@@ -50,7 +50,8 @@ DOC: dict[str, str] = {
     "restore-stop": "docker-compose stop relay",
     "restore": 'docker-compose run --rm --no-deps -v "$PWD/relay-backup.db:/restore.db:ro" '
                "--entrypoint sh relay -c 'cp /restore.db /var/spool/dane-relay/relay.db "
-               "&& rm -f /var/spool/dane-relay/relay.db-wal /var/spool/dane-relay/relay.db-shm'",
+               "&& rm -f /var/spool/dane-relay/relay.db-wal /var/spool/dane-relay/relay.db-shm "
+               "/var/spool/dane-relay/relay.db-run'",
     "restore-start": "docker-compose up -d relay",
 }
 
