@@ -106,8 +106,10 @@ def test_hundreds_expiring_at_once_each_get_exactly_one_ndr(
         relay.start()
         wait_for(lambda: len(relay.events("expired", after=mark)) >= n, 120,
                  "every recipient to expire")
-        # The NDRs are new mail to senderbox.test; wait until the queue is idle.
-        wait_for(lambda: active_recipients(relay) == 0, 120, "the queue to drain")
+        # The NDRs are new mail to senderbox.test, queued just after the expiries are
+        # recorded; wait until they are queued and the queue is idle.
+        wait_for(lambda: len(relay.events("ndr_sent", after=mark)) >= n
+                 and active_recipients(relay) == 0, 120, "the NDRs queued and delivered")
         ndrs = dests["senderbox"].messages
         internal = relay.events("internal_error", after=mark)
         expired = relay.events("expired", after=mark)
