@@ -6,8 +6,10 @@ Runs the relay's own code in this process (so `time.process_time()` counts every
 of it, SQLite's included) against the same world as bench/delivery_bench.py (the DNSSEC
 bed with bench.test MX + TLSA 3 1 1, the C STARTTLS sink), and prices:
 
-- store: claim (50 at a time) + load_body + record (delivered + one trace row), one
-  record per job as the scheduler does, `--concurrency` jobs at a time (group commit);
+- store: claim (50 at a time; the body comes with it) + the body's check + record
+  (delivered + one trace row), one record per job as the scheduler does,
+  `--concurrency` jobs at a time (group commit merges them); it counts thread round
+  trips (the SQLite writer's and readers' threads) and commits per message;
 - DNS: `plan_destination("bench.test")` with a warm cache (MX, A, TLSA);
 - DANE: `relay.dane.verify` of the sink's chain against its 3 1 1 record;
 - log: one `delivered` event as JSON to a file;
@@ -41,6 +43,7 @@ from delivery_bench import DOMAIN, MX, World
 from relay import dane
 from relay import log as relay_log
 from relay.config import build
+from relay.delivery import scheduler
 from relay.delivery.destination import plan_destination
 from relay.dns.resolve import Resolver
 from relay.model import Envelope, RecipientStatus
@@ -71,12 +74,16 @@ async def gather_n(n: int, concurrency: int, one: Callable[[], Awaitable[Any]]) 
     return n
 
 
-def _count_aiosqlite_calls() -> Callable[[], int]:
-    """Count calls handed to aiosqlite's worker threads (each is a round trip: queue put,
-    thread wake-up, call_soon_threadsafe back to the loop) from now on."""
+def _count_thread_hops() -> Callable[[], int]:
+    """Count calls handed to worker threads (the store's writer and readers, aiosqlite
+    where it is still used) from now on: each is a round trip (queue, thread wake-up,
+    GIL, call_soon_threadsafe back to the loop)."""
+    import concurrent.futures
+
     import aiosqlite.core
 
     original = aiosqlite.core.Connection._execute
+    submit = concurrent.futures.ThreadPoolExecutor.submit
     count = 0
 
     async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -84,10 +91,17 @@ def _count_aiosqlite_calls() -> Callable[[], int]:
         count += 1
         return await original(self, fn, *args, **kwargs)
 
+    def counted_submit(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        nonlocal count
+        count += 1
+        return submit(self, fn, *args, **kwargs)
+
     aiosqlite.core.Connection._execute = counted  # type: ignore[method-assign]
+    concurrent.futures.ThreadPoolExecutor.submit = counted_submit  # type: ignore[method-assign]
 
     def read() -> int:
         aiosqlite.core.Connection._execute = original  # type: ignore[method-assign]
+        concurrent.futures.ThreadPoolExecutor.submit = submit  # type: ignore[method-assign]
         return count
 
     return read
@@ -130,33 +144,42 @@ async def main_async(args: argparse.Namespace, world: World) -> list[list[str]]:
     await asyncio.gather(*(store.enqueue(env, now=now) for _ in range(n)))
 
     async def store_cycle() -> int:
+        """As the scheduler does it: claim (bodies come along), check the body, record
+        each job's outcome as it finishes (the store merges what finishes together)."""
         done = 0
         sem = asyncio.Semaphore(conc)
+        inline = getattr(scheduler, "INLINE_BODY", None)
 
         async def job_work(job: Any) -> None:
             async with sem:
-                await store.load_body(job.message_id)
+                if inline is None:
+                    await store.load_body(job.message_id)
+                else:
+                    await store.job_body(job)
                 t = time.time()
                 rid = job.recipients[0][0]
                 await store.record([JobResult(job.message_id, (RecipientUpdate(
                     rid, RecipientStatus.DELIVERED, "2.0.0", "250 2.0.0 Ok", attempts=1),),
                     (AttemptTrace(rid, at=t, mx=MX, ip=host, dnssec="secure", tlsa="secure",
                                   tls="TLSv1.3", dane="3 1 1 matched", code="2.0.0",
-                                  reply="250 2.0.0 Ok"),))], now=t)
+                                  reply="250 2.0.0 Ok"),))], now=t, owner="micro")
 
         while done < n:
+            kw = {} if inline is None else {"inline_body": inline}
             jobs = await store.claim(now=time.time(), owner="micro", lease_seconds=600,
-                                     limit=50, max_recipients=100)
+                                     limit=50, max_recipients=100, **kw)
             if not jobs:
                 break
             await asyncio.gather(*(job_work(j) for j in jobs))
             done += len(jobs)
         return done
 
-    calls = _count_aiosqlite_calls()
+    calls = _count_thread_hops()
+    commits = store.commits
     cpu, wall, ops = await cpu_of(store_cycle)
-    row("store: claim + load_body + record", cpu, wall, ops,
-        f"{calls() / ops:.1f} aiosqlite thread round trips/msg")
+    row("store: claim + body + record", cpu, wall, ops,
+        f"{calls() / ops:.1f} thread round trips/msg, "
+        f"{(store.commits - commits) / ops:.2f} commits/msg")
     await store.close()
 
     # --- DNS plan, DANE, log ----------------------------------------------------------

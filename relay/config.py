@@ -341,6 +341,19 @@ class DeliveryConfig(_Section):
     """Simultaneous outbound sessions in total."""
     max_connections_per_domain: int = Field(10, ge=1)
     """Simultaneous outbound sessions per destination domain."""
+    initial_connections_per_domain: int = Field(5, ge=1)
+    """A destination starts with this many simultaneous sessions; each session that gets
+    as far as a transaction adds one (up to max_connections_per_domain), each that fails
+    to connect or is refused before one takes one away (Postfix's
+    initial_destination_concurrency)."""
+    dead_destination_time: Duration = 300.0
+    """A destination whose first connections all fail (a whole window of them) is not
+    tried for this long: its due mail is deferred at once, without a connection; then one
+    connection probes it. Never longer than half the shortest retry_schedule entry."""
+    reserved_connections: int | None = Field(None, ge=0)
+    """Of max_connections, this many are kept for mail not tried yet: deferred mail uses
+    the others, so that a wave of retries to slow or dead destinations never holds up new
+    mail (default: a fifth of max_connections)."""
     max_recipients_per_transaction: int = Field(100, ge=1)
     """Recipients sent in one SMTP transaction."""
     ipv4: bool = True
@@ -382,6 +395,25 @@ class DeliveryConfig(_Section):
     honor_tls_required_no: bool = False
     """Honour a "TLS-Required: No" header field (RFC 8689 §5): such a message is delivered
     despite DANE and MTA-STS failures. Off by default: the relay exists to enforce."""
+
+    @model_validator(mode="after")
+    def _reserve_below_max(self) -> DeliveryConfig:
+        if self.reserved_connections is not None \
+                and self.reserved_connections >= self.max_connections:
+            raise ValueError("reserved_connections must be smaller than max_connections")
+        return self
+
+    @property
+    def effective_reserved_connections(self) -> int:
+        if self.reserved_connections is not None:
+            return self.reserved_connections
+        return self.max_connections // 5
+
+    @property
+    def effective_dead_time(self) -> float:
+        """dead_destination_time, at most half the shortest retry gap: mail deferred for a
+        dead destination comes back after it may be tried again."""
+        return min(self.dead_destination_time, min(self.retry_schedule) / 2)
 
 
 class NdrConfig(_Section):

@@ -59,6 +59,10 @@ EVENTS: dict[str, str] = {
     "corrupt_body": "a body failed its digest check before delivery: the message is held, "
                     "never sent (id, detail)",
     "job_released": "a claimed job gave its lease back without an attempt (id, reason)",
+    "destination_dead": "a destination failed its first connections: its due mail is "
+                        "deferred without a connection until it may be tried again "
+                        "(domain, code, reply, failures, until)",
+    "destination_recovered": "a destination marked dead took a transaction again (domain)",
     # MTA-STS
     "sts_fetched": "an MTA-STS policy was fetched and cached (domain, policy_id, mode, max_age)",
     "sts_fetch_failed": "an MTA-STS policy fetch failed (domain, policy_id, result_type, detail)",

@@ -434,7 +434,7 @@ class Deliverer:
         out, ftype = hostverdict.session_failure(host, ip, exc, req)
         return _HostFailure(out, _trace(host, ip, code=out.code, reply=out.reply,
                                         security="failed", failure_type=ftype,
-                                        local_ip=local_ip))
+                                        local_ip=local_ip, phase=exc.phase))
 
 
 _RELAXED = "ignored for a TLS report"

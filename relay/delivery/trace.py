@@ -32,6 +32,7 @@ class HostAttempt:
     tls_info: TlsInfo | None = None
     local_ip: str = ""  # our end of the connection (TLS-RPT sending-mta-ip)
     policy: str = ""  # the TLS policy applied (policy_text)
+    phase: str = ""  # where a failed session ended: "connect", "greeting", "ehlo", "tls", ...
 
 
 @dataclass(frozen=True)

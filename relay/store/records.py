@@ -34,6 +34,9 @@ class Job:
     kind: str = ""  # the message's extra["kind"]: "ndr", "tlsrpt", ... ("" for client mail)
     requiretls: bool = False  # MAIL FROM ... REQUIRETLS (RFC 8689)
     taken_from: str | None = None  # the expired lease this claim replaced (a takeover)
+    fresh: bool = False  # never tried (some recipient still `queued`): new mail
+    body: bytes | None = field(default=None, repr=False, compare=False)  # with the claim
+    body_sha256: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,8 @@ def build_jobs(rows: Sequence[Any], msgs: Sequence[Any], max_recipients: int | N
     """Jobs from claimed rows, in fair order: never-tried and deferred groups in turn.
 
     rows: (recipient id, message id, domain, address, attempts, status, next_attempt_at[,
-    taken_from]); msgs: (id, sender, received_at, smtputf8, size[, kind[, requiretls]]).
+    taken_from]); msgs: (id, sender, received_at, smtputf8, size[, kind[, requiretls[,
+    body, body_sha256]]]) — the body only when it came with the claim.
     """
     meta = {m[0]: m for m in msgs}
     groups: dict[tuple[str, str], list[Any]] = {}
@@ -231,15 +235,16 @@ def build_jobs(rows: Sequence[Any], msgs: Sequence[Any], max_recipients: int | N
         members.sort(key=lambda r: r[0])
         due = min(r[6] for r in members)
         is_fresh = any(r[5] == RecipientStatus.QUEUED for r in members)
-        (fresh if is_fresh else retry).append((due, key, members))
+        (fresh if is_fresh else retry).append((due, key, members, is_fresh))
     fresh.sort(key=lambda g: (g[0], g[1]))
     retry.sort(key=lambda g: (g[0], g[1]))
     ordered = []
     for i in range(max(len(fresh), len(retry))):
         ordered.extend(lst[i] for lst in (fresh, retry) if i < len(lst))
     jobs = []
-    for _, (mid, domain), members in ordered:
+    for _, (mid, domain), members, is_fresh in ordered:
         m = meta[mid]
+        body = m[7] if len(m) > 8 and m[7] is not None else None
         step = max_recipients or len(members)
         for i in range(0, len(members), step):
             part = members[i:i + step]
@@ -249,5 +254,8 @@ def build_jobs(rows: Sequence[Any], msgs: Sequence[Any], max_recipients: int | N
                             smtputf8=bool(m[3]), size=m[4],
                             kind=str(m[5] or "") if len(m) > 5 else "",
                             requiretls=bool(m[6]) if len(m) > 6 else False,
-                            taken_from=taken))
+                            taken_from=taken, fresh=is_fresh,
+                            body=None if body is None else bytes(body),
+                            body_sha256=None if body is None or m[8] is None
+                            else bytes(m[8])))
     return jobs

@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import json
 import os
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -38,6 +38,7 @@ HEADERS_MAX = 256 * 1024  # header section kept for NDRs, at most this many octe
 READERS = 4  # read connections per process (reads run side by side, one caller each)
 HASH_IN_THREAD = 1 << 20  # bodies larger than this are hashed off the event loop
 ID_CLOCK_SLACK = 60.0  # seconds a queue id's time may be later than its received_at
+CLAIM_WINDOW = 20_000  # due rows a claim looks at (per kind) behind domains at their limit
 _MSG_COLS = ("id", "sender", "received_at", "size", "body", "headers", "smtputf8",
              "body_8bit", "client_ip", "client_helo", "auth_user", "extra", "held",
              "requiretls", "body_sha256", "held_reason")
@@ -62,6 +63,9 @@ async def _digest(body: bytes) -> bytes:
     if len(body) > HASH_IN_THREAD:
         return await asyncio.to_thread(body_digest, body)
     return body_digest(body)
+
+
+_Pending = tuple[list[JobResult], float, str | None, "asyncio.Future[None]"]
 
 
 class _AlreadyDone(RelayError):
@@ -93,6 +97,8 @@ class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
         self._ids = IdGenerator()
         self.new_work = asyncio.Event()  # set after new mail commits (and retry/release)
         self._closed = False
+        self._records: list[_Pending] = []  # record() calls waiting for the writer
+        self._record_queued = False
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -276,24 +282,50 @@ class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
 
     async def claim(
         self, *, now: float, owner: str, lease_seconds: float, limit: int,
-        max_recipients: int | None = None,
+        max_recipients: int | None = None, retry_limit: int | None = None,
+        caps: Mapping[str, int] | None = None, initial: int | None = None,
+        dead_limit: int = 0, inline_body: int = 0,
     ) -> list[Job]:
         """Lease up to `limit` jobs of due recipients (one per message and domain).
 
         Jobs alternate between never-tried and deferred mail, oldest due first. A job
         with more than `max_recipients` recipients is split into several jobs.
+
+        Per-destination limits (relay.delivery.destinations): `caps` maps a domain to
+        how many more jobs it may start now (0: none; DEAD (-1): the domain is dead, and
+        up to `dead_limit` of its jobs are handed out beyond `limit`, for the caller to
+        defer at once); a domain not in `caps` may start `initial` (default: no limit).
+        At most `retry_limit` of the `limit` jobs are deferred mail (default: all).
+        `inline_body`: messages up to this size come with their body (`Job.body`, checked
+        with `job_body`), so that no separate read is needed.
         """
+        dead_limit = max(0, dead_limit)
         params = {"now": now, "owner": owner, "until": now + lease_seconds,
-                  "lease": lease_seconds, "limit": limit, "scan": max(limit * 4, 64)}
+                  "lease": lease_seconds, "limit": max(0, limit),
+                  "retry_limit": max(0, limit if retry_limit is None else retry_limit),
+                  "caps": json.dumps(dict(caps or {})),
+                  "initial": max(0, limit) if initial is None else max(0, initial),
+                  "dead_limit": dead_limit, "dead_scan": dead_limit * 4,
+                  "window": CLAIM_WINDOW, "scan": max(limit * 4, 64)}
         Q = self._q
 
         async def op(conn: Conn) -> tuple[list[Any], list[Any]]:
             rows = await conn.fetchall(Q.claim, params)
+            if not rows:
+                return rows, []
             ids = sorted({r[1] for r in rows})
-            return rows, await conn.fetchall(Q.job_messages, {"ids": json.dumps(ids)})
+            return rows, await conn.fetchall(Q.job_messages,
+                                             {"ids": json.dumps(ids), "inline": inline_body})
 
         rows, msgs = await self._writer.run(op)
         return build_jobs(rows, msgs, max_recipients)
+
+    async def job_body(self, job: Job) -> bytes:
+        """The body of a claimed job, checked against its digest: the one that came with
+        the claim, else read now (`load_body`). Raises as `load_body` does."""
+        if job.body is None:
+            return await self.load_body(job.message_id)
+        return await self._checked(job.message_id, job.body, job.body_sha256)
 
     async def unlease(self, owner: str, recipient_ids: Iterable[int] | None = None, *,
                       wake: bool = True) -> int:
@@ -326,6 +358,19 @@ class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
 
         return int(await self._writer.run(op))
 
+    async def renew_leases(self, owner: str, recipient_ids: Iterable[int], *, now: float,
+                           lease: float) -> set[int]:
+        """`renew_lease` for many jobs at once: the ids whose lease was renewed (an id
+        missing was taken over or finished by someone else)."""
+        params = {"owner": owner, "ids": json.dumps(list(recipient_ids)),
+                  "until": now + lease, "lease": lease}
+        Q = self._q
+
+        async def op(conn: Conn) -> list[Any]:
+            return await conn.fetchall(Q.renew_leases, params)
+
+        return {int(r[0]) for r in await self._writer.run(op)}
+
     async def load_body(self, message_id: str) -> bytes:
         """The body to deliver, checked against the digest stored at intake.
 
@@ -345,6 +390,16 @@ class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
             raise CorruptMessage(
                 f"queue database {self.backend.where}: message {message_id} has lost its body",
                 message_id=message_id, detail="body missing while recipients wait for it")
+        return await self._checked(message_id, body, digest)
+
+    async def _checked(self, message_id: str, body: bytes | None, digest: bytes | None
+                       ) -> bytes:
+        if body is None:  # claimed just now: its recipients wait for it
+            raise CorruptMessage(
+                f"queue database {self.backend.where}: message {message_id} has lost its body",
+                message_id=message_id, detail="body missing while recipients wait for it")
+        body = bytes(body)
+        digest = None if digest is None else bytes(digest)
         read = await _digest(body) if digest is not None else None
         if digest is not None and read != digest:
             assert read is not None
@@ -364,28 +419,52 @@ class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
 
     async def record(self, results: Iterable[JobResult], *, now: float,
                      owner: str | None = None) -> None:
-        """Write the outcome of jobs in one transaction: recipient states, trace rows.
+        """Write the outcome of jobs: recipient states, trace rows; returns after COMMIT.
 
         Leases are cleared; a recipient that is already final is not changed (work
         whose lease expired may have been done twice); the body of a message goes when
         all its recipients are final. With `owner` the write is fenced: only recipients
         still leased to `owner` change, and only their trace is kept.
+
+        Calls that come while one is waiting for the writer are merged: every outcome
+        recorded until the transaction begins goes into one statement per kind (as
+        intake merges its inserts), in the same group commit; all of them return (or
+        fail) together.
         """
-        results = list(results)
+        fut = asyncio.get_running_loop().create_future()
+        self._records.append((list(results), now, owner, fut))
+        if not self._record_queued:
+            self._record_queued = True
+            taken: list[_Pending] = []
+            try:
+                wfut = self._writer.submit(prepare=lambda: self._record_op(taken))
+            except BaseException:
+                self._record_queued = False
+                self._records.remove(self._records[-1])
+                raise
+            wfut.add_done_callback(lambda f: self._recorded(f, taken))
+        await fut
+
+    def _record_op(self, taken: list[_Pending]) -> Op:
+        """Take every pending record (on the event loop, when the transaction begins)."""
+        taken += self._records
+        self._records = []
+        self._record_queued = False
         updates = [
             {"id": u.recipient_id, "status": str(u.status), "code": u.code, "reply": u.reply,
              "next_attempt_at": u.next_attempt_at, "attempts": u.attempts,
              "ndr_state": u.ndr_state, "warned_at": u.warned_at, "now": now,
              "owner": owner}
-            for res in results for u in res.updates
+            for results, now, owner, _ in taken for res in results for u in res.updates
         ]
         traces = [
             {"recipient_id": a.recipient_id, "at": a.at, "mx": a.mx, "ip": a.ip,
              "dnssec": a.dnssec, "tlsa": a.tlsa, "tls": a.tls, "dane": a.dane,
              "code": a.code, "reply": a.reply, "policy": a.policy, "owner": owner}
-            for res in results for a in res.attempts
+            for results, _, owner, _ in taken for res in results for a in res.attempts
         ]
-        ids = json.dumps(sorted({res.message_id for res in results}))
+        ids = json.dumps(sorted({res.message_id for results, *_ in taken for res in results}))
+        now = max(t[1] for t in taken)
         Q = self._q
 
         async def op(conn: Conn) -> None:
@@ -395,7 +474,23 @@ class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
                 await conn.executemany(Q.record_recipient, updates)
             await conn.execute(Q.finish_messages, {"ids": ids, "now": now})
 
-        await self._writer.run(op)
+        return op
+
+    def _recorded(self, wfut: asyncio.Future[Any], taken: list[_Pending]) -> None:
+        if not taken:  # the batch failed before the transaction began: nothing was taken
+            taken += self._records
+            self._records = []
+            self._record_queued = False
+        error = None if wfut.cancelled() else wfut.exception()
+        for *_, fut in taken:
+            if fut.done():
+                continue
+            if wfut.cancelled():
+                fut.cancel()
+            elif error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(None)
 
     async def set_ndr_state(self, recipient_ids: Iterable[int], state: str, *,
                             now: float) -> None:

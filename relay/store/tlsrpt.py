@@ -67,13 +67,17 @@ class TlsRptStore:
     def tlsrpt_submit(self, take: Callable[[], tuple[Sequence[SessionResult], float]], *,
                       interval: float) -> asyncio.Future[Any]:
         """Like `tlsrpt_add`, but the results are taken (`take()` → results and their
-        time) when the write runs, so that everything recorded until then goes in one
-        upsert: many jobs' results share one operation of the group commit."""
+        time, on the event loop) when the write's transaction begins, so that everything
+        recorded until then goes in one upsert: many jobs' results share one operation
+        of the group commit."""
 
         Q = self._q
 
-        async def op(conn: Conn) -> int:
-            results, now = take()
+        def prepare() -> Callable[[Conn], Awaitable[int]]:
+            results, now = take()  # on the event loop, when the transaction begins
+            return lambda conn: op(conn, results, now)
+
+        async def op(conn: Conn, results: Sequence[SessionResult], now: float) -> int:
             merged: dict[tuple[Any, ...], dict[str, Any]] = {}
             for r in results:
                 key = (r.policy_domain, r.policy_type, r.policy_strings, r.mx_host,
@@ -107,7 +111,7 @@ class TlsRptStore:
             await conn.executemany(Q.tlsrpt_add_result, rows)
             return pid
 
-        return self._writer.submit(op)
+        return self._writer.submit(prepare=prepare)
 
     async def tlsrpt_close_periods(self, *, now: float, delay: Callable[[], float],
                                    cut: bool = False) -> list[int]:

@@ -22,15 +22,16 @@ accepted message is inserted, what an error means) is the backend's `Dialect`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from relay import log
 from relay.errors import RelayError, StorageUnavailable, StoreError
 from relay.store.conn import Conn, Op
 
 Operation = Op
+T = TypeVar("T")
 
 
 class Dialect(Protocol):
@@ -42,6 +43,11 @@ class Dialect(Protocol):
     async def connect(self) -> Any: ...
 
     def wrap(self, raw: Any) -> Conn: ...
+
+    async def transaction(self, raw: Any, body: Callable[[Conn], Awaitable[T]]) -> T:
+        """`body(conn)` over `raw` (SQLite: driven whole in the connection's thread, one
+        hop; PostgreSQL: on the event loop, one round trip per statement)."""
+        ...
 
     async def insert(self, conn: Conn, messages: list[tuple[Any, ...]],
                      recipients: list[tuple[Any, ...]]) -> None:
@@ -75,8 +81,9 @@ class _Insert:
 
 @dataclass
 class _Op:
-    fn: Operation
+    fn: Operation | None
     future: asyncio.Future[Any]
+    prepare: Callable[[], Operation] | None = None
 
 
 _STOP = object()
@@ -121,12 +128,21 @@ class Writer:
         """Run `fn(conn)` inside the writer's next transaction; its value after COMMIT."""
         return await self.submit(fn)
 
-    def submit(self, fn: Operation) -> asyncio.Future[Any]:
+    def submit(self, fn: Operation | None = None, *,
+               prepare: Callable[[], Operation] | None = None) -> asyncio.Future[Any]:
         """Queue `fn(conn)` at once (not awaiting it): it shares the next group commit with
-        whatever is submitted right after it; the future resolves after that COMMIT."""
+        whatever is submitted right after it; the future resolves after that COMMIT.
+
+        `prepare()` instead of `fn`: called on the event loop just before the transaction
+        that runs it begins, it returns the operation — so that an operation can take
+        what was buffered until then (many jobs' results in one statement). The
+        operation itself may run in another thread (SQLite): it must touch nothing of
+        the event loop and no shared state."""
+        if (fn is None) == (prepare is None):
+            raise TypeError("submit() takes fn or prepare")
         self._check_open()
         fut = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Op(fn, fut))
+        self._queue.put_nowait(_Op(fn, fut, prepare))
         return fut
 
     def _check_open(self) -> None:
@@ -183,31 +199,20 @@ class Writer:
                 if not it.future.done():
                     it.future.set_exception(self._fenced)
             return
-        results: list[tuple[bool, Any]] = []
         d = self._dialect
         raw = None
         try:
+            for it in live:  # on the event loop, just before the transaction
+                if isinstance(it, _Op) and it.prepare is not None:
+                    it.fn, it.prepare = it.prepare(), None
             if self._conn is None:
                 self._conn = await d.connect()
             raw = self._conn
-            conn = d.wrap(raw)
-            await conn.execute(d.begin)
-            i = 0
-            while i < len(live):
-                it = live[i]
-                if isinstance(it, _Insert):
-                    j = i
-                    while j < len(live) and isinstance(live[j], _Insert):
-                        j += 1
-                    inserts: list[_Insert] = live[i:j]  # type: ignore[assignment]
-                    await d.insert(conn, [x.message for x in inserts],
-                                   [r for x in inserts for r in x.recipients])
-                    results.extend((True, x.result) for x in inserts)
-                    i = j
-                    continue
-                results.append(await self._run_op(conn, it))
-                i += 1
-            await conn.execute("COMMIT")
+
+            async def body(conn: Conn) -> list[tuple[bool, Any]]:
+                return await self._transaction(conn, live)
+
+            results = await d.transaction(raw, body)
         except Exception as exc:
             await self._failed(raw, exc, live)
             return
@@ -226,9 +231,35 @@ class Writer:
         if self._on_commit is not None:
             self._on_commit(any(isinstance(it, _Insert) for it in live))
 
+    async def _transaction(self, conn: Conn, live: Sequence[_Insert | _Op]
+                           ) -> list[tuple[bool, Any]]:
+        """BEGIN, every item, COMMIT (SQLite: in the connection's thread; touches no
+        future and nothing of the event loop)."""
+        d = self._dialect
+        results: list[tuple[bool, Any]] = []
+        await conn.execute(d.begin)
+        i = 0
+        while i < len(live):
+            it = live[i]
+            if isinstance(it, _Insert):
+                j = i
+                while j < len(live) and isinstance(live[j], _Insert):
+                    j += 1
+                inserts: list[_Insert] = live[i:j]  # type: ignore[assignment]
+                await d.insert(conn, [x.message for x in inserts],
+                               [r for x in inserts for r in x.recipients])
+                results.extend((True, x.result) for x in inserts)
+                i = j
+                continue
+            results.append(await self._run_op(conn, it))
+            i += 1
+        await conn.execute("COMMIT")
+        return results
+
     async def _run_op(self, conn: Conn, it: _Op) -> tuple[bool, Any]:
         await conn.execute("SAVEPOINT op")
         try:
+            assert it.fn is not None
             value = await it.fn(conn)
         except Exception as exc:
             if not (isinstance(exc, RelayError) or self._dialect.logical(exc)):

@@ -14,7 +14,7 @@ from relay import log
 from relay.config import build
 from relay.dane.policy import DomainPlan, PlanAction
 from relay.delivery.scheduler import Scheduler
-from relay.delivery.trace import AttemptReport
+from relay.delivery.trace import AttemptReport, HostAttempt
 from relay.model import Action, Envelope, Outcome
 from relay.store import Store
 
@@ -39,7 +39,9 @@ class StubDeliverer:
             self.active[domain] -= 1
         ok = Outcome(Action.DELIVERED, "2.0.0", "250 ok")
         plan = DomainPlan(domain, PlanAction.DELIVER, None, "stub")
-        return AttemptReport({r: ok for r in recipients}, (), plan)
+        host = HostAttempt(mx=f"mx.{domain}", ip="192.0.2.25", dnssec="insecure", tlsa="",
+                           code="2.0.0", reply="250 ok", security="plain")
+        return AttemptReport({r: ok for r in recipients}, (host,), plan, delivered_by=host)
 
     async def close(self) -> None:
         return None
@@ -236,5 +238,158 @@ async def test_the_ndr_of_an_smtputf8_message_is_a_global_report_sent_with_smtpu
         (ndr,) = [m for m in await store.list_messages(include_final=True) if m.sender == ""]
         assert (await store.get_message(ndr.id)).extra["original"] == qid
     finally:
+        await sched.stop()
+        await store.close()
+
+
+# --- head-of-line blocking (issue 14): limits in the claim, reserve, dead destinations ---
+
+
+class GatedDeliverer(StubDeliverer):
+    """Holds every attempt to a domain ending in `.slow.test` until `gate` is set; fails
+    every attempt to `.dead.test` at connect (a site failure); delivers the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.changed = asyncio.Event()
+        self.failing = True
+
+    async def deliver(self, domain: str, sender: str, recipients: Any, body: bytes,
+                      **kw: Any) -> AttemptReport:
+        plan = DomainPlan(domain, PlanAction.DELIVER, None, "stub")
+        if domain.endswith(".dead.test") and self.failing:
+            self.calls.append((domain, tuple(recipients)))
+            self.changed.set()
+            await asyncio.sleep(0.05)
+            out = Outcome(Action.DEFERRED, "4.4.1", f"connection failed (mx.{domain} "
+                          "[192.0.2.9]: timeout after 30s connecting)")
+            host = HostAttempt(mx=f"mx.{domain}", ip="192.0.2.9", dnssec="insecure",
+                               tlsa="", code="4.4.1", security="failed", phase="connect")
+            return AttemptReport({r: out for r in recipients}, (host,), plan)
+        if domain.endswith(".slow.test"):
+            self.active[domain] = self.active.get(domain, 0) + 1
+            self.changed.set()
+            try:
+                await self.gate.wait()
+            finally:
+                self.active[domain] -= 1
+        return await super().deliver(domain, sender, recipients, body, **kw)
+
+
+async def _deferred_backlog(store: Store, path: Path, rcpts: list[str], *, now: float
+                            ) -> list[str]:
+    ids = [await _enqueue(store, [r]) for r in rcpts]
+    with sqlite3.connect(path) as conn:  # tried once before, due again now
+        conn.execute("UPDATE recipients SET status = 'deferred', attempts = 1, "
+                     "next_attempt_at = ?", (now,))
+    return ids
+
+
+async def _until(cond: Callable[[], bool], event: asyncio.Event, within: float = 20) -> None:
+    async with asyncio.timeout(within):
+        while not cond():
+            event.clear()
+            await event.wait()
+
+
+async def test_new_mail_gets_a_slot_while_retries_to_slow_sites_hold_the_rest(
+        tmp_path: Path) -> None:
+    """Deferred mail may use all but `reserved_connections` slots: with every one of those
+    held by retries to sites that never answer, new mail is still delivered."""
+    path = tmp_path / "q.db"
+    store = await Store.open(path)
+    stub = GatedDeliverer()
+    cfg = _cfg(max_connections=5, reserved_connections=1, max_connections_per_domain=3)
+    await _deferred_backlog(store, path, [f"u{i}@d{i}.slow.test" for i in range(20)], now=1.0)
+    sched = Scheduler(store, stub, cfg, hostname="relay.test")  # type: ignore[arg-type]
+    await sched.start()
+    try:
+        await _until(lambda: sum(stub.active.values()) == 4, stub.changed)
+        new = await _enqueue(store, ["b@new.test"])
+        await _wait_all_delivered(store, [new])  # while the four retries still hang
+        assert sum(stub.active.values()) == 4 and not stub.gate.is_set()
+        assert [c for c in stub.calls if c[0] == "new.test"] == [("new.test", ("b@new.test",))]
+    finally:
+        stub.gate.set()
+        await sched.stop()
+        await store.close()
+
+
+async def test_claimed_work_never_waits_for_its_domain_while_holding_a_slot(
+        tmp_path: Path) -> None:
+    """Issue 14: jobs used to be claimed past their domain's limit and then wait for it
+    holding a global slot. Now the claim hands out only what may start: a domain at its
+    limit leaves the other slots to other domains."""
+    path = tmp_path / "q.db"
+    store = await Store.open(path)
+    stub = GatedDeliverer()
+    cfg = _cfg(max_connections=4, reserved_connections=0, max_connections_per_domain=2,
+               initial_connections_per_domain=2)
+    slow = [await _enqueue(store, [f"u{i}@one.slow.test"]) for i in range(10)]
+    sched = Scheduler(store, stub, cfg, hostname="relay.test")  # type: ignore[arg-type]
+    await sched.start()
+    try:
+        await _until(lambda: stub.active.get("one.slow.test") == 2, stub.changed)
+        new = [await _enqueue(store, [f"b{i}@new.test"]) for i in range(3)]
+        await _wait_all_delivered(store, new)
+        assert stub.active["one.slow.test"] == 2  # never more than its limit at once
+        leased = [r for m in [await store.get_message(i) for i in slow]
+                  for r in m.recipients if r.lease_owner]
+        assert len(leased) == 2  # and nothing else of it claimed meanwhile
+    finally:
+        stub.gate.set()
+        await sched.stop()
+        await store.close()
+
+
+async def test_a_dead_destination_is_deferred_without_connections_then_probed(
+        tmp_path: Path) -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    logged = asyncio.Event()
+
+    def observe(name: str, fields: dict[str, Any]) -> None:
+        events.append((name, dict(fields)))
+        logged.set()
+
+    now = [1000.0]
+    path = tmp_path / "q.db"
+    store = await Store.open(path)
+    stub = GatedDeliverer()
+    cfg = _cfg(initial_connections_per_domain=2, retry_schedule=["60s"],
+               dead_destination_time="20s")
+    ids = [await store.enqueue(Envelope("a@example.org", (f"u{i}@x.dead.test",),
+                                        b"Subject: x\r\n\r\nhi\r\n"), now=now[0])
+           for i in range(30)]
+    sched = Scheduler(store, stub, cfg, hostname="relay.test",  # type: ignore[arg-type]
+                      clock=lambda: now[0])
+    log.observers.append(observe)
+    await sched.start()
+    try:
+        deferred = lambda: sum(1 for n, _ in events if n == "deferred")  # noqa: E731
+        await _until(lambda: deferred() == 30, logged)
+        # the window was 2: two connections failed, then the destination was dead
+        assert len(stub.calls) == 2
+        dead = [f for n, f in events if n == "destination_dead"]
+        assert len(dead) == 1 and dead[0]["domain"] == "x.dead.test"
+        assert dead[0]["code"] == "4.4.1" and dead[0]["failures"] == 2
+        infos = [await store.get_message(i) for i in ids]
+        rcpts = [r for m in infos for r in m.recipients]
+        assert all(r.status.value == "deferred" and r.attempts == 1 and r.code == "4.4.1"
+                   for r in rcpts)
+        suspended = [r for r in rcpts if r.reply.startswith("delivery temporarily suspended: ")]
+        assert len(suspended) == 28 and all("timeout after 30s" in r.reply for r in suspended)
+        # their next attempt is the first plan point after the dead time (1000 + 60)
+        assert {r.next_attempt_at for r in rcpts} == {1060.0}
+        assert all(r.history and r.history[-1].reply == r.reply for r in suspended)
+        # the next plan point: one connection probes it, it answers, the rest follows
+        stub.failing = False
+        now[0] = 1060.5
+        store.new_work.set()
+        await _wait_all_delivered(store, ids, within=30)
+        assert sum(1 for n, _ in events if n == "destination_recovered") == 1
+        assert len(stub.calls) == 2 + 30
+    finally:
+        log.observers.remove(observe)
         await sched.stop()
         await store.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.errors import NotFound, StorageUnavailable, StoreError
+from relay.errors import CorruptMessage, NotFound, StorageUnavailable, StoreError
 from relay.model import Envelope
 from relay.model import RecipientStatus as S
 from relay.store import AttemptTrace, JobResult, RecipientUpdate, Store
@@ -211,6 +211,104 @@ async def test_fair_between_new_and_deferred_mail(store: Store) -> None:
     # each kind oldest first
     assert [j.message_id for j in jobs if j.message_id in fresh] == fresh[:5]
     assert [j.message_id for j in jobs if j.message_id in deferred] == deferred[:5]
+
+
+async def test_claim_respects_per_domain_caps(store: Store) -> None:
+    """Issue 14: the claim hands out nothing for a domain at its limit, at most its free
+    count for a domain with state, `initial` for the others."""
+    for i in range(4):
+        await store.enqueue(env(f"a{i}@full.example"), now=T0 + i)
+        await store.enqueue(env(f"b{i}@one.example"), now=T0 + i)
+        await store.enqueue(env(f"c{i}@new.example"), now=T0 + i)
+    jobs = await store.claim(now=T0 + 10, owner="w", lease_seconds=60, limit=10,
+                             caps={"full.example": 0, "one.example": 1}, initial=2)
+    got = sorted(j.domain for j in jobs)
+    assert got == ["new.example", "new.example", "one.example"]
+    # oldest first within a domain
+    assert [j.recipients[0][1] for j in jobs if j.domain == "new.example"] == \
+        ["c0@new.example", "c1@new.example"]
+    # the rest stays due, unclaimed
+    rest = await store.claim(now=T0 + 10, owner="w", lease_seconds=60, limit=20)
+    assert sorted(j.domain for j in rest).count("full.example") == 4
+    assert len(rest) == 4 + 3 + 2
+
+
+async def test_claim_hands_out_dead_domains_beyond_the_limit(store: Store) -> None:
+    for i in range(5):
+        await store.enqueue(env(f"x{i}@dead.example"), now=T0 + i)
+        await store.enqueue(env(f"y{i}@live.example"), now=T0 + i)
+    jobs = await store.claim(now=T0 + 10, owner="w", lease_seconds=60, limit=2,
+                             caps={"dead.example": -1}, dead_limit=3)
+    got = sorted(j.domain for j in jobs)
+    assert got == ["dead.example"] * 3 + ["live.example"] * 2
+    # no dead work handed out without dead_limit
+    jobs = await store.claim(now=T0 + 10, owner="w", lease_seconds=60, limit=5,
+                             caps={"dead.example": -1})
+    assert sorted(j.domain for j in jobs) == ["live.example"] * 3
+
+
+async def test_claim_keeps_slots_for_new_mail(store: Store) -> None:
+    """`retry_limit`: at most so many jobs of deferred mail; new mail may take the rest."""
+    old = [await store.enqueue(env(f"o{i}@slow.example"), now=T0 + i) for i in range(6)]
+    jobs = await store.claim(now=T0 + 10, owner="w", lease_seconds=1, limit=10)
+    await store.record([JobResult(j.message_id, tuple(
+        RecipientUpdate(r[0], S.DEFERRED, "4.4.1", "timeout", next_attempt_at=T0 + 20)
+        for r in j.recipients)) for j in jobs], now=T0 + 10)
+    new = [await store.enqueue(env(f"n{i}@fast.example"), now=T0 + 30 + i) for i in range(6)]
+    jobs = await store.claim(now=T0 + 40, owner="w", lease_seconds=60, limit=6,
+                             retry_limit=2)
+    assert sorted(j.message_id for j in jobs if not j.fresh) == old[:2]
+    assert sorted(j.message_id for j in jobs if j.fresh) == new[:4]
+    assert all(j.fresh == (j.message_id in new) for j in jobs)
+
+
+async def test_claim_brings_small_bodies_along(store: Store) -> None:
+    small = await store.enqueue(env("a@one.example"), now=T0)
+    big = await store.enqueue(env("b@two.example", body=BODY * 4), now=T0)
+    jobs = {j.message_id: j for j in await store.claim(
+        now=T0, owner="w", lease_seconds=60, limit=10, inline_body=len(BODY))}
+    assert jobs[small].body == BODY and jobs[big].body is None
+    assert await store.job_body(jobs[small]) == BODY
+    assert await store.job_body(jobs[big]) == BODY * 4  # read now
+    # a body that no longer matches its digest is refused as load_body refuses it
+    bad = await store.enqueue(env("c@three.example"), now=T0)
+    (job,) = await store.claim(now=T0, owner="w", lease_seconds=60, limit=10,
+                               inline_body=len(BODY))
+    from dataclasses import replace
+
+    with pytest.raises(CorruptMessage):
+        await store.job_body(replace(job, body=BODY[:-3] + b"yy\n"))
+    assert job.message_id == bad
+
+
+async def test_renew_leases_says_which_rows_are_still_ours(store: Store) -> None:
+    await store.enqueue(env("a@one.example", "b@two.example"), now=T0)
+    jobs = await store.claim(now=T0, owner="w", lease_seconds=60, limit=10)
+    ids = [r[0] for j in jobs for r in j.recipients]
+    assert await store.renew_leases("w", ids, now=T0 + 10, lease=60) == set(ids)
+    assert await store.renew_leases("other", ids, now=T0 + 10, lease=60) == set()
+    await store.record([JobResult(jobs[0].message_id, (RecipientUpdate(
+        jobs[0].recipients[0][0], S.DELIVERED, "2.0.0"),))], now=T0 + 11, owner="w")
+    assert await store.renew_leases("w", ids, now=T0 + 12, lease=60) == set(ids[1:])
+
+
+async def test_concurrent_records_share_one_transaction(store: Store) -> None:
+    """Outcomes of jobs finishing together are written together (one commit, one
+    statement per kind), and each caller returns only after that commit."""
+    for i in range(20):
+        await store.enqueue(env(f"r{i}@d{i}.example"), now=T0)
+    jobs = await store.claim(now=T0, owner="w", lease_seconds=60, limit=20)
+    before = store.commits
+    await asyncio.gather(*(store.record([JobResult(j.message_id, (RecipientUpdate(
+        j.recipients[0][0], S.DELIVERED, "2.0.0", "250 ok"),), (AttemptTrace(
+            j.recipients[0][0], T0 + 1, code="2.0.0"),))], now=T0 + 1, owner="w")
+        for j in jobs))
+    assert store.commits - before <= 2
+    done = await raw(store, "SELECT count(*) FROM recipients WHERE status = 'delivered'")
+    assert done == [(20,)]
+    assert await raw(store, "SELECT count(*) FROM attempts") == [(20,)]
+    assert await raw(store, "SELECT count(*) FROM messages WHERE finished_at IS NULL") == \
+        [(0,)]
 
 
 async def test_record_outcomes_trace_and_body_drop(store: Store) -> None:

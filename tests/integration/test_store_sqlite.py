@@ -401,7 +401,16 @@ def test_query_plans_use_the_right_indexes(tmp_path: Path) -> None:
     def plan(sql: str, params: dict[str, object]) -> list[str]:
         return [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
 
-    claim = plan(Q.claim, {"now": 1, "owner": "w", "until": 2, "limit": 5, "scan": 20})
+    claim = plan(Q.claim, {"now": 1, "owner": "w", "until": 2, "limit": 5, "scan": 20,
+                           "retry_limit": 5, "caps": '{"a.example": 0, "b.example": -1}',
+                           "initial": 5, "dead_limit": 10, "dead_scan": 40, "window": 4096})
+    # the due rows of each kind in order, skipping domains at their limit on the index
+    # alone; a dead domain's work through its own rows
+    assert claim.count("SEARCH recipients USING COVERING INDEX recipients_due "
+                       "(status=? AND next_attempt_at<?)") == 2
+    assert claim.count("CO-ROUTINE w") == 2 and "MATERIALIZE w" not in claim
+    assert "SEARCH r USING INDEX recipients_domain (domain=? AND status=? AND " \
+           "next_attempt_at<?)" in claim
     assert claim[-1] == "SEARCH r USING INDEX recipients_message (message_id=?)"
     assert "SCAN recipients" not in claim and "SCAN r" not in claim[-3:]
     assert "SEARCH r USING INDEX recipients_lease (leased_until>?)" in plan(Q.next_due_leased,

@@ -43,6 +43,7 @@ PURE = [
     "relay.delivery.verdict", "relay.delivery.trace", "relay.tlsrpt.report", "relay.intake.address",
     "relay.intake.received", "relay.intake.throttle", "relay.delivery.requiretls",
     "relay.sts.record", "relay.sts.webpki", "relay.sts.decide", "relay.check.stsview",
+    "relay.delivery.destinations",
 ]
 IO_MODULES = {"asyncio", "socket", "ssl", "aiosqlite", "sqlite3", "selectors", "subprocess",
               "time", "http", "urllib.request", "aiosmtpd"}

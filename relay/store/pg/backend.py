@@ -10,7 +10,7 @@ writes fail with StorageUnavailable (intake answers 451) and the next batch reco
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -45,6 +45,10 @@ class PgDialect:
 
     def wrap(self, raw: asyncpg.Connection) -> Conn:
         return PgConn(raw)
+
+    async def transaction(self, raw: asyncpg.Connection,
+                          body: Callable[[Conn], Awaitable[T]]) -> T:
+        return await body(PgConn(raw))
 
     async def insert(self, conn: Conn, messages: list[tuple[Any, ...]],
                      recipients: list[tuple[Any, ...]]) -> None:

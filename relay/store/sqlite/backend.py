@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from relay.store.conn import Conn, Op, T
 from relay.store.sqlfiles import Queries
 from relay.store.sqlite import errors as errs
 from relay.store.sqlite import schema
-from relay.store.sqlite.conn import SqliteConn
+from relay.store.sqlite.conn import SqliteConn, WriterConnection
 from relay.store.sqlite.integrity import Integrity
 from relay.store.sqlite.readers import Readers
 from relay.store.sqlite.runstate import DAMAGED, OK, PENDING, read_state
@@ -41,12 +41,16 @@ class SqliteDialect:
         self.busy_timeout = busy_timeout
         self.max_page_count = max_page_count
 
-    async def connect(self) -> aiosqlite.Connection:
-        return await schema.connect(self.path, busy_timeout=self.busy_timeout,
-                                    max_page_count=self.max_page_count)
+    async def connect(self) -> WriterConnection:
+        return await WriterConnection.open(self.path, busy_timeout=self.busy_timeout,
+                                           max_page_count=self.max_page_count)
 
-    def wrap(self, raw: aiosqlite.Connection) -> Conn:
-        return SqliteConn(raw)
+    def wrap(self, raw: WriterConnection) -> Conn:
+        return SqliteConn(raw.conn)
+
+    async def transaction(self, raw: WriterConnection, body: Callable[[Conn], Awaitable[T]]
+                          ) -> T:
+        return await raw.transaction(body)
 
     async def insert(self, conn: Conn, messages: list[tuple[Any, ...]],
                      recipients: list[tuple[Any, ...]]) -> None:
@@ -65,12 +69,18 @@ class SqliteDialect:
     def needs_reopen(self, exc: BaseException) -> bool:
         return errs.needs_reopen(exc)
 
-    async def rollback(self, raw: aiosqlite.Connection) -> bool:
-        if raw.in_transaction:
-            await raw.execute("ROLLBACK")
+    async def rollback(self, raw: WriterConnection) -> bool:
+        if raw.closed:
+            return False
+
+        def rollback(conn: sqlite3.Connection) -> None:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+
+        await raw.run(rollback)
         return True
 
-    async def close(self, raw: aiosqlite.Connection) -> None:
+    async def close(self, raw: WriterConnection) -> None:
         await raw.close()
 
 
@@ -99,24 +109,30 @@ class SqliteBackend:
         and then in the background (relay.store.sqlite.integrity); False: none."""
         db = _prepare(Path(path), create)
         dialect = SqliteDialect(db, busy_timeout=busy_timeout, max_page_count=max_page_count)
-        conn: aiosqlite.Connection | None = None
+        setup: aiosqlite.Connection | None = None
+        conn: WriterConnection | None = None
         first: sqlite3.Connection | None = None
         integrity = Integrity(db) if check == "auto" else None
         try:
             if integrity is not None:
                 new = not db.exists() or db.stat().st_size == 0
                 await asyncio.to_thread(integrity.plan, new=new)
-            conn = await dialect.connect()
+            setup = await schema.connect(db, busy_timeout=busy_timeout,
+                                         max_page_count=max_page_count)
             if check is True:
-                await schema.quick_check(conn, db)
-            await schema.migrate(conn, db)
+                await schema.quick_check(setup, db)
+            await schema.migrate(setup, db)
+            await setup.close()
+            setup = None
+            conn = await dialect.connect()
             # the first read connection, opened now so that a file that cannot be read
             # fails here; the pool opens the others when reads need them
             first = await asyncio.to_thread(schema.connect_reader, db,
                                             busy_timeout=busy_timeout)
         except (sqlite3.Error, OSError, StoreError) as exc:
-            if conn is not None:
-                await conn.close()
+            for c in (setup, conn):
+                if c is not None:
+                    await c.close()
             if integrity is not None:
                 await integrity.close()
             raise errs.open_error(exc, db) from None
@@ -162,7 +178,8 @@ class SqliteBackend:
 
         async def op(conn: Conn) -> int:
             assert isinstance(conn, SqliteConn)
-            return await schema.set_max_page_count(conn.raw, pages)
+            row = conn.raw.execute(f"PRAGMA max_page_count = {int(pages)}").fetchone()
+            return int(row[0]) if row else 0
 
         return int(await self.writer.run(op))
 

@@ -21,36 +21,75 @@ INSERT INTO recipients (message_id, address, domain, next_attempt_at, updated_at
 VALUES ($1, $2, $3, $4, $5);
 
 -- name: claim
--- As in SQLite: whole (message, domain) groups, never-tried and deferred mail in turn.
--- The scanned rows are locked with SKIP LOCKED, so nodes claiming at the same moment
--- take different work; a group whose other rows another node holds is split.
+-- As in SQLite: whole (message, domain) groups, never-tried and deferred mail in turn,
+-- within the per-domain limits of :caps, dead domains' work apart (see the SQLite
+-- file). The limits are this node's own: each node keeps its own per-destination
+-- state. The :window oldest due rows are looked at without locks; the rows taken are
+-- locked with SKIP LOCKED, so nodes claiming at the same moment take different work;
+-- a group whose other rows another node holds is split.
 WITH clock AS (SELECT extract(epoch FROM clock_timestamp()) AS now),
-fresh AS (
+caps AS (
+    SELECT key AS domain, value::integer AS free FROM jsonb_each_text(:caps::jsonb)
+), fresh AS (
     SELECT s.message_id, s.domain, min(s.next_attempt_at) AS due FROM (
         SELECT r.id, r.message_id, r.domain, r.next_attempt_at
-        FROM recipients r JOIN messages m ON m.id = r.message_id, clock c
-        WHERE r.status = 'queued' AND r.next_attempt_at <= :now AND m.held = 0
+        FROM (
+            SELECT id, domain FROM recipients
+            WHERE status = 'queued' AND next_attempt_at <= :now
+            ORDER BY next_attempt_at, id LIMIT :window
+        ) AS w JOIN recipients r ON r.id = w.id JOIN messages m ON m.id = r.message_id,
+        clock c
+        WHERE w.domain NOT IN (SELECT domain FROM caps WHERE free <= 0) AND m.held = 0
+          AND r.status = 'queued' AND r.next_attempt_at <= :now
           AND (r.leased_until IS NULL OR r.leased_until <= c.now)
-        ORDER BY r.next_attempt_at, r.id LIMIT :scan
+        LIMIT :scan
         FOR UPDATE OF r SKIP LOCKED
     ) AS s GROUP BY s.message_id, s.domain
 ), retry AS (
     SELECT s.message_id, s.domain, min(s.next_attempt_at) AS due FROM (
         SELECT r.id, r.message_id, r.domain, r.next_attempt_at
-        FROM recipients r JOIN messages m ON m.id = r.message_id, clock c
-        WHERE r.status = 'deferred' AND r.next_attempt_at <= :now AND m.held = 0
+        FROM (
+            SELECT id, domain FROM recipients
+            WHERE status = 'deferred' AND next_attempt_at <= :now
+            ORDER BY next_attempt_at, id LIMIT :window
+        ) AS w JOIN recipients r ON r.id = w.id JOIN messages m ON m.id = r.message_id,
+        clock c
+        WHERE w.domain NOT IN (SELECT domain FROM caps WHERE free <= 0) AND m.held = 0
+          AND r.status = 'deferred' AND r.next_attempt_at <= :now
           AND (r.leased_until IS NULL OR r.leased_until <= c.now)
-        ORDER BY r.next_attempt_at, r.id LIMIT :scan
+        LIMIT :scan
         FOR UPDATE OF r SKIP LOCKED
     ) AS s GROUP BY s.message_id, s.domain
+), dead AS (
+    SELECT s.message_id, s.domain, min(s.next_attempt_at) AS due FROM (
+        SELECT r.id, r.message_id, r.domain, r.next_attempt_at
+        FROM caps d JOIN recipients r ON r.domain = d.domain
+             JOIN messages m ON m.id = r.message_id, clock c
+        WHERE d.free < 0 AND r.status IN ('queued', 'deferred')
+          AND r.next_attempt_at <= :now AND m.held = 0
+          AND (r.leased_until IS NULL OR r.leased_until <= c.now)
+        LIMIT :dead_scan
+        FOR UPDATE OF r SKIP LOCKED
+    ) AS s GROUP BY s.message_id, s.domain
+), groups AS (
+    SELECT message_id, domain, row_number() OVER (ORDER BY due, message_id) AS rn, 0 AS k
+    FROM fresh
+    UNION ALL
+    SELECT message_id, domain, row_number() OVER (ORDER BY due, message_id) AS rn, 1 AS k
+    FROM retry
+), capped AS (
+    SELECT g.message_id, g.domain, g.rn, g.k, coalesce(c.free, :initial::integer) AS free,
+           row_number() OVER (PARTITION BY g.domain ORDER BY g.rn, g.k) AS dn
+    FROM groups g LEFT JOIN caps c ON c.domain = g.domain
+), ranked AS (
+    SELECT message_id, domain, k, row_number() OVER (PARTITION BY k ORDER BY rn) AS kn
+    FROM capped WHERE dn <= free
 ), picked AS (
-    SELECT message_id, domain FROM (
-        SELECT message_id, domain, row_number() OVER (ORDER BY due, message_id) AS rn, 0 AS k
-        FROM fresh
-        UNION ALL
-        SELECT message_id, domain, row_number() OVER (ORDER BY due, message_id) AS rn, 1 AS k
-        FROM retry
-    ) AS u ORDER BY rn, k LIMIT :limit
+    (SELECT message_id, domain FROM ranked
+     WHERE kn <= CASE k WHEN 0 THEN :limit::bigint ELSE :retry_limit::bigint END
+     ORDER BY kn, k LIMIT :limit)
+    UNION ALL
+    (SELECT message_id, domain FROM dead ORDER BY due, message_id LIMIT :dead_limit)
 ), rows AS (
     SELECT r.id FROM picked p JOIN recipients r
       ON r.message_id = p.message_id AND r.domain = p.domain, clock c
@@ -65,9 +104,14 @@ RETURNING id, message_id, domain, address, attempts, status, next_attempt_at,
           taken_from;
 
 -- name: job_messages
-SELECT id, sender, received_at, smtputf8, size, coalesce(extra::jsonb ->> 'kind', ''),
-       requiretls
-FROM messages WHERE id IN (SELECT jsonb_array_elements_text(:ids::jsonb));
+-- The messages of claimed work; the body (with its digest) comes along when the
+-- message is no larger than :inline octets.
+SELECT m.id, m.sender, m.received_at, m.smtputf8, m.size,
+       coalesce(m.extra::jsonb ->> 'kind', ''), m.requiretls,
+       CASE WHEN m.size <= :inline::bigint THEN b.body END,
+       CASE WHEN m.size <= :inline::bigint THEN m.body_sha256 END
+FROM messages m LEFT JOIN bodies b ON b.message_id = m.id
+WHERE m.id IN (SELECT jsonb_array_elements_text(:ids::jsonb));
 
 -- name: unlease
 UPDATE recipients SET lease_owner = NULL, leased_until = NULL
@@ -80,6 +124,13 @@ UPDATE recipients SET leased_until = extract(epoch FROM clock_timestamp()) + :le
 WHERE lease_owner = :owner
   AND id IN (SELECT jsonb_array_elements_text(:ids::jsonb)::bigint)
   AND status IN ('queued', 'deferred');
+
+-- name: renew_leases
+UPDATE recipients SET leased_until = extract(epoch FROM clock_timestamp()) + :lease
+WHERE lease_owner = :owner
+  AND id IN (SELECT jsonb_array_elements_text(:ids::jsonb)::bigint)
+  AND status IN ('queued', 'deferred')
+RETURNING id;
 
 -- name: next_due_unleased
 SELECT min(t) FROM (

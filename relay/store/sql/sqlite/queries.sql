@@ -17,30 +17,77 @@ VALUES (?, ?, ?, ?, ?);
 -- Fairness: the oldest-due groups of never-tried mail and of deferred mail are picked
 -- in turn (row numbers interleave), so a backlog of retries never starves new mail
 -- and the other way round.
-WITH fresh AS (
+-- Limits (relay.delivery.destinations): :caps is a JSON object {domain: free} for the
+-- domains the scheduler keeps state for: free = how many more groups the domain may
+-- start now (0: at its limit, skipped); -1 = dead: its due groups are handed out apart,
+-- up to :dead_limit beyond :limit, found through recipients_domain, for the scheduler
+-- to defer at once without a connection. A domain not in :caps may start :initial. At
+-- most :limit groups of live domains, of which at most :retry_limit of deferred mail.
+-- Only the :window oldest due rows of each kind are looked at (recipients_due holds
+-- the domain: skipping a row of a domain at its limit reads no table row).
+WITH caps AS (
+    SELECT key AS domain, value AS free FROM json_each(:caps)
+), skip AS (
+    SELECT domain FROM caps WHERE free <= 0
+), fresh AS (
     SELECT r.message_id, r.domain, min(r.next_attempt_at) AS due FROM (
         SELECT r.id, r.message_id, r.domain, r.next_attempt_at
-        FROM recipients r JOIN messages m ON m.id = r.message_id
-        WHERE r.status = 'queued' AND r.next_attempt_at <= :now AND m.held = 0
+        FROM (
+            SELECT id, domain FROM recipients
+            WHERE status = 'queued' AND next_attempt_at <= :now
+            ORDER BY next_attempt_at, id LIMIT :window
+        ) AS w CROSS JOIN recipients r ON r.id = w.id CROSS JOIN messages m
+          ON m.id = r.message_id  -- in the window's order (CROSS: w stays outermost)
+        WHERE w.domain NOT IN (SELECT domain FROM skip) AND m.held = 0
           AND (r.leased_until IS NULL OR r.leased_until <= :now)
-        ORDER BY r.next_attempt_at, r.id LIMIT :scan
+        LIMIT :scan
     ) AS r GROUP BY r.message_id, r.domain
 ), retry AS (
     SELECT r.message_id, r.domain, min(r.next_attempt_at) AS due FROM (
         SELECT r.id, r.message_id, r.domain, r.next_attempt_at
-        FROM recipients r JOIN messages m ON m.id = r.message_id
-        WHERE r.status = 'deferred' AND r.next_attempt_at <= :now AND m.held = 0
+        FROM (
+            SELECT id, domain FROM recipients
+            WHERE status = 'deferred' AND next_attempt_at <= :now
+            ORDER BY next_attempt_at, id LIMIT :window
+        ) AS w CROSS JOIN recipients r ON r.id = w.id CROSS JOIN messages m
+          ON m.id = r.message_id  -- in the window's order (CROSS: w stays outermost)
+        WHERE w.domain NOT IN (SELECT domain FROM skip) AND m.held = 0
           AND (r.leased_until IS NULL OR r.leased_until <= :now)
-        ORDER BY r.next_attempt_at, r.id LIMIT :scan
+        LIMIT :scan
     ) AS r GROUP BY r.message_id, r.domain
+), dead AS (
+    SELECT r.message_id, r.domain, min(r.next_attempt_at) AS due FROM (
+        SELECT r.id, r.message_id, r.domain, r.next_attempt_at
+        FROM caps c CROSS JOIN recipients r ON r.domain = c.domain  -- caps outermost
+             JOIN messages m ON m.id = r.message_id
+        WHERE c.free < 0 AND r.status IN ('queued', 'deferred')
+          AND r.next_attempt_at <= :now AND m.held = 0
+          AND (r.leased_until IS NULL OR r.leased_until <= :now)
+        LIMIT :dead_scan
+    ) AS r GROUP BY r.message_id, r.domain
+), groups AS (
+    SELECT message_id, domain, row_number() OVER (ORDER BY due, message_id) AS rn, 0 AS k
+    FROM fresh
+    UNION ALL
+    SELECT message_id, domain, row_number() OVER (ORDER BY due, message_id) AS rn, 1 AS k
+    FROM retry
+), capped AS (
+    SELECT g.message_id, g.domain, g.rn, g.k, coalesce(c.free, :initial) AS free,
+           row_number() OVER (PARTITION BY g.domain ORDER BY g.rn, g.k) AS dn
+    FROM groups g LEFT JOIN caps c ON c.domain = g.domain
+), ranked AS (
+    SELECT message_id, domain, k, row_number() OVER (PARTITION BY k ORDER BY rn) AS kn
+    FROM capped WHERE dn <= free
 ), picked AS (
     SELECT message_id, domain FROM (
-        SELECT message_id, domain, row_number() OVER (ORDER BY due, message_id) AS rn, 0 AS k
-        FROM fresh
-        UNION ALL
-        SELECT message_id, domain, row_number() OVER (ORDER BY due, message_id) AS rn, 1 AS k
-        FROM retry
-    ) ORDER BY rn, k LIMIT :limit
+        SELECT message_id, domain FROM ranked
+        WHERE kn <= CASE k WHEN 0 THEN :limit ELSE :retry_limit END
+        ORDER BY kn, k LIMIT :limit
+    )
+    UNION ALL
+    SELECT message_id, domain FROM (
+        SELECT message_id, domain FROM dead ORDER BY due, message_id LIMIT :dead_limit
+    )
 )
 -- taken_from: the owner of the expired lease this claim replaces (SET sees old values)
 UPDATE recipients SET taken_from = lease_owner, lease_owner = :owner, leased_until = :until
@@ -56,8 +103,11 @@ RETURNING id, message_id, domain, address, attempts, status, next_attempt_at,
           taken_from;
 
 -- name: job_messages
+-- The messages of claimed work; the body (with its digest) comes along when the
+-- message is no larger than :inline octets (no separate load_body for it).
 SELECT id, sender, received_at, smtputf8, size, coalesce(json_extract(extra, '$.kind'), ''),
-       requiretls
+       requiretls, CASE WHEN size <= :inline THEN body END,
+       CASE WHEN size <= :inline THEN body_sha256 END
 FROM messages WHERE id IN (SELECT value FROM json_each(:ids));
 
 -- name: unlease
@@ -70,6 +120,13 @@ WHERE lease_owner = :owner AND (:ids IS NULL OR id IN (SELECT value FROM json_ea
 UPDATE recipients SET leased_until = :until
 WHERE lease_owner = :owner AND id IN (SELECT value FROM json_each(:ids))
   AND status IN ('queued', 'deferred');
+
+-- name: renew_leases
+-- The scheduler's one heartbeat for all its long jobs: the rows still ours come back.
+UPDATE recipients SET leased_until = :until
+WHERE lease_owner = :owner AND id IN (SELECT value FROM json_each(:ids))
+  AND status IN ('queued', 'deferred')
+RETURNING id;
 
 -- name: next_due_unleased
 SELECT min(t) FROM (
