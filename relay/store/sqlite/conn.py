@@ -20,9 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay.errors import StoreError
 from relay.store.conn import Conn, Params, Row
-from relay.store.sqlite.schema import WAL_SIZE_LIMIT
+from relay.store.sqlite.schema import check_wal, writer_setup
 
 T = TypeVar("T")
 
@@ -118,20 +117,16 @@ class WriterConnection:
 
 def connect_writer(path: Path, *, busy_timeout: float,
                    max_page_count: int | None = None) -> sqlite3.Connection:
-    """The write connection: autocommit (transactions are explicit), WAL,
-    synchronous=FULL, journal_size_limit, foreign keys on."""
+    """The write connection (relay.store.sqlite.schema.writer_setup)."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout,
                            check_same_thread=False)
     try:
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        conn.execute("PRAGMA foreign_keys = ON")
-        row = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-        if row is None or str(row[0]).lower() != "wal":
-            raise StoreError(f"queue database {path}: cannot switch to WAL mode ({row})")
-        conn.execute("PRAGMA synchronous = FULL")
-        # the WAL grows while a long reader (the background integrity check, a backup)
-        # keeps checkpoints from starting over; truncated back to this after that
-        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+        before, after = writer_setup(busy_timeout)
+        for pragma in before:
+            conn.execute(pragma)
+        check_wal(path, conn.execute("PRAGMA journal_mode = WAL").fetchone())
+        for pragma in after:
+            conn.execute(pragma)
         if max_page_count is not None:
             conn.execute(f"PRAGMA max_page_count = {int(max_page_count)}")
     except BaseException:

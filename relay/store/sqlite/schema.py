@@ -15,27 +15,40 @@ from relay.store.sqlite import errors as errs
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file is truncated to after a checkpoint
 
 
+def writer_setup(busy_timeout: float) -> tuple[list[str], list[str]]:
+    """The PRAGMAs of a write connection, before and after switching it to WAL (shared by
+    `connect` and relay.store.sqlite.conn.connect_writer): autocommit is the caller's
+    (transactions are explicit), then busy_timeout, foreign keys, WAL, synchronous=FULL and
+    a WAL size limit (the WAL grows while a long reader — the background integrity check,
+    a backup — keeps checkpoints from starting over; it is truncated back after that)."""
+    return ([f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}", "PRAGMA foreign_keys = ON"],
+            ["PRAGMA synchronous = FULL", f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}"])
+
+
+def check_wal(path: Path, row: object) -> None:
+    """`row`: the answer to `PRAGMA journal_mode = WAL`."""
+    if not isinstance(row, tuple | sqlite3.Row) or str(row[0]).lower() != "wal":
+        raise StoreError(f"queue database {path}: cannot switch to WAL mode ({row})")
+
+
 async def connect(
     path: Path,
     *,
     busy_timeout: float,
     max_page_count: int | None = None,
 ) -> aiosqlite.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL, synchronous=FULL."""
+    """A write connection over aiosqlite (start-up: integrity check, migrations)."""
     conn = await aiosqlite.connect(
         path, isolation_level=None, timeout=busy_timeout, check_same_thread=False
     )
     try:
-        await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        await conn.execute("PRAGMA foreign_keys = ON")
+        before, after = writer_setup(busy_timeout)
+        for pragma in before:
+            await conn.execute(pragma)
         async with conn.execute("PRAGMA journal_mode = WAL") as cur:
-            row = await cur.fetchone()
-        if row is None or str(row[0]).lower() != "wal":
-            raise StoreError(f"queue database {path}: cannot switch to WAL mode ({row})")
-        await conn.execute("PRAGMA synchronous = FULL")
-        # The WAL grows while a long reader (the background integrity check, a backup)
-        # keeps checkpoints from starting over; truncate it back after that.
-        await conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+            check_wal(path, await cur.fetchone())
+        for pragma in after:
+            await conn.execute(pragma)
         if max_page_count is not None:
             await set_max_page_count(conn, max_page_count)
     except BaseException:
