@@ -373,8 +373,13 @@ async def test_a_dead_destination_is_deferred_without_connections_then_probed(
         dead = [f for n, f in events if n == "destination_dead"]
         assert len(dead) == 1 and dead[0]["domain"] == "x.dead.test"
         assert dead[0]["code"] == "4.4.1" and dead[0]["failures"] == 2
-        infos = [await store.get_message(i) for i in ids]
-        rcpts = [r for m in infos for r in m.recipients]
+        async with asyncio.timeout(20):  # the events come as the outcomes are built,
+            while True:                   # just before their write commits
+                infos = [await store.get_message(i) for i in ids]
+                rcpts = [r for m in infos for r in m.recipients]
+                if all(r.status.value != "queued" for r in rcpts):
+                    break
+                await asyncio.sleep(0.01)
         assert all(r.status.value == "deferred" and r.attempts == 1 and r.code == "4.4.1"
                    for r in rcpts)
         suspended = [r for r in rcpts if r.reply.startswith("delivery temporarily suspended: ")]

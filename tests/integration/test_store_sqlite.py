@@ -452,6 +452,15 @@ def test_operator_views_read_pages_and_counts_not_the_queue(tmp_path: Path) -> N
     assert "USING INDEX recipients_unwarned (message_id<?)" in p, p
     p = plan(Q.retry_batch_end, {"after": 0, "limit": 5})
     assert "INTEGER PRIMARY KEY (rowid>?)" in p, p
+    p = plan(Q.retry_batch, {"after": 0, "upto": 5, "now": 1.0})
+    assert p == "SEARCH recipients USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)", p
+    for name in ("renew_lease", "renew_leases", "mark_warned"):  # by id, never by status
+        p = plan(getattr(Q, name), {"owner": "w", "ids": "[1, 2]", "until": 2.0, "now": 1.0})
+        assert p.startswith("SEARCH recipients USING INTEGER PRIMARY KEY (rowid=?)"), (name, p)
+    p = plan(Q.unlease, {"owner": "w", "ids": None})  # the leased rows only
+    assert p.startswith("SEARCH recipients USING INDEX recipients_lease"), p
+    p = plan(Q.purge, {"cutoff": 1.0, "limit": 5})
+    assert "SCAN" not in p, p
     conn.close()
 
 

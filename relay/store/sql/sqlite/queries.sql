@@ -111,19 +111,22 @@ SELECT id, sender, received_at, smtputf8, size, coalesce(json_extract(extra, '$.
 FROM messages WHERE id IN (SELECT value FROM json_each(:ids));
 
 -- name: unlease
-UPDATE recipients SET lease_owner = NULL, leased_until = NULL
-WHERE lease_owner = :owner AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)));
+-- through the leased rows only (recipients_lease), whatever the depth of the queue
+UPDATE recipients INDEXED BY recipients_lease SET lease_owner = NULL, leased_until = NULL
+WHERE leased_until IS NOT NULL AND lease_owner = :owner AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)));
 
 -- name: renew_lease
 -- A worker still busy with its job pushes its lease forward (heartbeat), so that the
 -- work is not claimed a second time while the attempt is still running.
-UPDATE recipients SET leased_until = :until
+-- NOT INDEXED here and below: the rows by id (rowid), never through recipients_due,
+-- whose status prefix would walk every waiting recipient.
+UPDATE recipients NOT INDEXED SET leased_until = :until
 WHERE lease_owner = :owner AND id IN (SELECT value FROM json_each(:ids))
   AND status IN ('queued', 'deferred');
 
 -- name: renew_leases
 -- The scheduler's one heartbeat for all its long jobs: the rows still ours come back.
-UPDATE recipients SET leased_until = :until
+UPDATE recipients NOT INDEXED SET leased_until = :until
 WHERE lease_owner = :owner AND id IN (SELECT value FROM json_each(:ids))
   AND status IN ('queued', 'deferred')
 RETURNING id;
@@ -185,7 +188,7 @@ WHERE id IN (SELECT value FROM json_each(:ids)) AND ndr_state = 'pending';
 
 -- name: mark_warned
 -- With the delay warning's own insert, in one transaction: once per recipient.
-UPDATE recipients SET warned_at = :now
+UPDATE recipients NOT INDEXED SET warned_at = :now
 WHERE id IN (SELECT value FROM json_each(:ids)) AND warned_at IS NULL
   AND status = 'deferred';
 
@@ -241,7 +244,9 @@ SELECT max(id) FROM recipients;
 SELECT max(id) FROM (SELECT id FROM recipients WHERE id > :after ORDER BY id LIMIT :limit);
 
 -- name: retry_batch
-UPDATE recipients SET next_attempt_at = :now, updated_at = :now
+-- NOT INDEXED: the id range (rowid), never recipients_due (whose status prefix would
+-- walk every waiting recipient for each batch: 0.3 s a batch at a million)
+UPDATE recipients NOT INDEXED SET next_attempt_at = :now, updated_at = :now
 WHERE id > :after AND id <= :upto AND status IN ('queued', 'deferred')
   AND (leased_until IS NULL OR leased_until <= :now);
 
