@@ -43,6 +43,7 @@ from relay.ops.preflight import default_gateways, gateway_warnings, queue_folder
 from relay.store import Store, open_store
 from relay.sts.fetch import Trust, load_trust
 from relay.sts.source import StsRefresher, StsSource
+from relay.workers import WorkerPool
 
 DRAIN_TIMEOUT = 30.0  # seconds the first signal waits for open work before stopping
 STOP_TIMEOUT = 5.0  # seconds one component may take to stop after the drain
@@ -235,9 +236,15 @@ def build_components(cfg: Config, store: Store, *, tls: ssl.SSLContext | None,
     lc = cfg.listener
     hostname = lc.hostname or socket.getfqdn()
     owner = node_owner(cfg.queue.node or socket.gethostname())  # leases of this process
-    intake = Intake(IntakeSettings.from_config(lc, hostname, postmaster=cfg.ndr.postmaster),
-                    store, tls_context=tls, users=users)
-    listener = Listener(intake, lc.host, lc.port)
+    listener: Listener | WorkerPool
+    if lc.effective_workers > 1:  # intake in worker processes (relay.workers)
+        listener = WorkerPool(cfg, store, lc.effective_workers, tls=tls is not None,
+                              auth=users is not None and tls is not None)
+    else:
+        intake = Intake(IntakeSettings.from_config(lc, hostname,
+                                                   postmaster=cfg.ndr.postmaster),
+                        store, tls_context=tls, users=users)
+        listener = Listener(intake, lc.host, lc.port)
     components: list[Component] = [listener]
     resolver = Resolver.from_config(cfg.dns)
     reporter = None
@@ -275,6 +282,9 @@ def _install_signals(app: App) -> None:
 
     def on_signal(name: str) -> None:
         if app.stopping:
+            for component in app.components:  # intake workers go with the main process
+                if isinstance(component, WorkerPool):
+                    component.kill_now()
             event("stopped", level="warning", signal=name, forced=True)
             os._exit(1)
         app.request_stop(name)

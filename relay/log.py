@@ -30,6 +30,10 @@ EVENTS: dict[str, str] = {
     "integrity_check": "the queue file's integrity check (SQLite quick_check), run after an "
                        "unclean stop in the background: result started | ok | damaged "
                        "(path, reason, seconds, detail, action)",
+    "worker_started": "an intake worker process is listening (worker, pid; "
+                      "listener.workers > 1)",
+    "worker_exited": "an intake worker process ended (worker, pid, code or signal); "
+                     "unless the relay is stopping it is started again (restart_in)",
     "gateway_allowed": "listener.allowed_networks covers the default gateway (the Docker "
                        "bridge gateway in a container): who comes through it may relay",
     # intake
@@ -79,10 +83,12 @@ def _now() -> str:
 
 
 class EventLog:
-    def __init__(self, stream: TextIO | None = None, fmt: str = "json", level: str = "info"):
+    def __init__(self, stream: TextIO | None = None, fmt: str = "json", level: str = "info",
+                 *, extra: dict[str, Any] | None = None):
         self._stream = stream
         self._fmt = fmt
         self._min = _LEVELS[level]
+        self._extra = dict(extra or {})  # fields of every line (an intake worker: its number)
 
     @property
     def stream(self) -> TextIO:
@@ -94,7 +100,25 @@ class EventLog:
         if _LEVELS[level] < self._min:
             return
         record: dict[str, Any] = {"ts": _now(), "level": level, "event": name}
+        record.update(self._extra)
         record.update({k: v for k, v in fields.items() if v is not None})
+        self.write(record)
+
+    @property
+    def is_json(self) -> bool:
+        return self._fmt == "json"
+
+    def write_lines(self, text: str) -> None:
+        """Whole JSON lines as they are (an intake worker's, relayed by the main process)."""
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        """One record (ts, level, event, fields) as one line, in this log's format."""
+        level, name = str(record.get("level", "info")), str(record.get("event", ""))
         if self._fmt == "json":
             line = json.dumps(record, default=str, ensure_ascii=False)
         else:
@@ -116,9 +140,10 @@ Observer = Callable[[str, dict[str, Any]], None]
 observers: list[Observer] = []
 
 
-def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> EventLog:
+def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None,
+              *, extra: dict[str, Any] | None = None) -> EventLog:
     global log
-    log = EventLog(stream, fmt, level)
+    log = EventLog(stream, fmt, level, extra=extra)
     return log
 
 

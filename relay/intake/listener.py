@@ -52,10 +52,13 @@ class Listener:
 
     name = "listener"
 
-    def __init__(self, intake: Intake, host: str, port: int) -> None:
+    def __init__(self, intake: Intake, host: str, port: int, *, reuse_port: bool = False,
+                 announce: bool = True) -> None:
         self.intake = intake
         self.host = host
         self.port = port
+        self.reuse_port = reuse_port  # an intake worker: one of several sockets on the port
+        self.announce = announce  # log `listening` (an intake worker leaves it to the pool)
         self._server: asyncio.Server | None = None
 
     @property
@@ -69,13 +72,15 @@ class Listener:
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(
-                lambda: IntakeSession(self.intake, loop), self.host, self.port, backlog=256)
+                lambda: IntakeSession(self.intake, loop), self.host, self.port, backlog=256,
+                reuse_port=self.reuse_port or None)
         except OSError as exc:
             raise RelayError(f"cannot listen on {self.host}:{self.port}: {exc}") from None
         host, port = self.bound[0]
         self.port = port
-        event("listening", service="smtp", host=host, port=port,
-              tls=self.intake.tls_context is not None, auth=self.intake.auth_enabled)
+        if self.announce:
+            event("listening", service="smtp", host=host, port=port,
+                  tls=self.intake.tls_context is not None, auth=self.intake.auth_enabled)
 
     async def wait(self) -> None:
         await asyncio.Event().wait()  # the server runs inside the loop; it never ends alone

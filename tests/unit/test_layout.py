@@ -98,7 +98,7 @@ def part_of(mod: str) -> str:
     if mod == "relay.__main__":  # `python -m relay` is the command line
         return "cli"
     second = mod.split(".")[1]
-    if second == "app":
+    if second in ("app", "workers"):  # relay.workers: intake worker processes of `serve`
         return "app"
     assert second in PACKAGES, f"{mod}: a module outside the documented packages"
     return second
