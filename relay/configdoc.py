@@ -52,6 +52,8 @@ def _type_name(annotation: Any) -> str:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if args and type(None) in typing.get_args(annotation):
         return _type_name(args[0])
+    if len(args) > 1:  # a union such as `int | Literal["auto"]`
+        return " or ".join(_type_name(a) for a in args)
     if isinstance(annotation, type):
         if issubclass(annotation, str) and hasattr(annotation, "__members__"):
             return " \\| ".join(json.dumps(m.value) for m in annotation)  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ refuses names outside EVENTS so the vocabulary cannot drift silently.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import sys
@@ -76,6 +77,7 @@ EVENTS: dict[str, str] = {
 }
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_AT_ONCE = frozenset({"received", "fatal"})  # never held back by `coalesce`
 
 
 def _now() -> str:
@@ -84,11 +86,15 @@ def _now() -> str:
 
 class EventLog:
     def __init__(self, stream: TextIO | None = None, fmt: str = "json", level: str = "info",
-                 *, extra: dict[str, Any] | None = None):
+                 *, extra: dict[str, Any] | None = None, coalesce: bool = False):
         self._stream = stream
         self._fmt = fmt
         self._min = _LEVELS[level]
         self._extra = dict(extra or {})  # fields of every line (an intake worker: its number)
+        # An intake worker: the lines of one turn of the event loop go out in one write
+        # (to the main process's pipe), not one write and one wake-up there per line.
+        self._coalesce = coalesce
+        self._pending: list[str] = []
 
     @property
     def stream(self) -> TextIO:
@@ -109,12 +115,12 @@ class EventLog:
         return self._fmt == "json"
 
     def write_lines(self, text: str) -> None:
-        """Whole JSON lines as they are (an intake worker's, relayed by the main process)."""
+        """Whole lines as they are (also an intake worker's, relayed by the main process)."""
         try:
             self.stream.write(text)
             self.stream.flush()
         except (OSError, ValueError):
-            pass
+            pass  # a closed stdout must not stop mail
 
     def write(self, record: dict[str, Any]) -> None:
         """One record (ts, level, event, fields) as one line, in this log's format."""
@@ -125,11 +131,23 @@ class EventLog:
             skip = ("ts", "level", "event")
             extras = " ".join(f"{k}={v}" for k, v in record.items() if k not in skip)
             line = f"{record['ts']} {level.upper():7} {name:14} {extras}"
-        try:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass  # a closed stdout must not stop mail
+        if self._coalesce:
+            self._pending.append(line + "\n")
+            if name in _AT_ONCE:  # logged before its 250 is sent, as without coalescing
+                self.flush()
+            elif len(self._pending) == 1:
+                try:
+                    asyncio.get_running_loop().call_soon(self.flush)
+                except RuntimeError:  # no event loop: at once
+                    self.flush()
+            return
+        self.write_lines(line + "\n")
+
+    def flush(self) -> None:
+        """Write the lines held back by `coalesce` (whole lines, one write)."""
+        if self._pending:
+            text, self._pending = "".join(self._pending), []
+            self.write_lines(text)
 
 
 # The process-wide log; `relay serve` configures it, tests may replace it.
@@ -141,9 +159,9 @@ observers: list[Observer] = []
 
 
 def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None,
-              *, extra: dict[str, Any] | None = None) -> EventLog:
+              *, extra: dict[str, Any] | None = None, coalesce: bool = False) -> EventLog:
     global log
-    log = EventLog(stream, fmt, level, extra=extra)
+    log = EventLog(stream, fmt, level, extra=extra, coalesce=coalesce)
     return log
 
 

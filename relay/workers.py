@@ -42,6 +42,7 @@ import contextlib
 import fcntl
 import json
 import math
+import os
 import pickle
 import signal
 import socket
@@ -64,6 +65,7 @@ YOUNG = 10.0  # a worker that dies sooner than this after its start waits before
 MAX_PAUSE = 30.0  # longest pause before starting a worker that keeps dying young
 KILL_GRACE = 5.0  # seconds past the drain deadline before a worker is killed
 PIPE_SIZE = 1 << 20  # octets of a worker's log pipe (F_SETPIPE_SZ)
+READ_SIZE = 1 << 16  # octets read from it at a time (below the mmap threshold)
 
 
 def share(lc: ListenerConfig, workers: int) -> ListenerConfig:
@@ -216,27 +218,33 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
+        log_r, log_w = os.pipe()  # the worker's stdout
         spec = pickle.dumps({"config": self.cfg, "index": w.index, "port": self.port,
                              "control_fd": theirs.fileno(),
                              "log_format": "json", "log_level": self.cfg.log.level})
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relay.workers", stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, pass_fds=(theirs.fileno(),),
-                limit=PIPE_SIZE)
+                stdout=log_w, pass_fds=(theirs.fileno(),))
         except OSError as exc:
+            for fd in (log_r, log_w):
+                os.close(fd)
             ours.close()
             theirs.close()
             raise RelayError(f"cannot start intake worker {w.index}: {exc}") from None
         theirs.close()
+        os.close(log_w)
+        os.set_blocking(log_r, False)
         w.proc, w.control, w.started = proc, ours, loop.time()
         w.ready = loop.create_future()
-        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdin is not None
         proc.stdin.write(spec)
         proc.stdin.close()
-        w.tasks = [loop.create_task(self._relay_log(w, proc), name=f"worker-{w.index}-log")]
+        log_done = loop.create_future()
+        loop.add_reader(log_r, self._on_log, log_r, bytearray(), log_done)
         loop.add_reader(ours.fileno(), self._on_control, w)
-        w.tasks.append(loop.create_task(self._watch(w, proc), name=f"worker-{w.index}"))
+        w.tasks = [asyncio.ensure_future(log_done),
+                   loop.create_task(self._watch(w, proc), name=f"worker-{w.index}")]
         try:
             await asyncio.wait_for(asyncio.shield(w.ready), START_TIMEOUT)
         except TimeoutError:
@@ -267,21 +275,33 @@ class WorkerPool:
             w.control.close()
             w.control = None
 
-    async def _relay_log(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
-        """The worker's stdout, whole lines at a time, to the relay's log."""
-        assert proc.stdout is not None
-        rest = b""
-        while True:
-            chunk = await proc.stdout.read(PIPE_SIZE)
-            if not chunk:
-                if rest:
-                    self._write(rest + b"\n")
-                return
+    def _on_log(self, fd: int, rest: bytearray, done: asyncio.Future[None]) -> None:
+        """The worker's stdout, whole lines at a time, to the relay's log (EOF: the
+        worker has exited; what is left is written, the pipe closed)."""
+        try:
+            chunk = os.read(fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+            if rest:
+                self._write(bytes(rest) + b"\n")
+            if not done.done():
+                done.set_result(None)
+            return
+        cut = chunk.rfind(b"\n") + 1
+        if not cut:
             rest += chunk
-            cut = rest.rfind(b"\n") + 1
-            if cut:
-                self._write(rest[:cut])
-                rest = rest[cut:]
+            return
+        if rest:
+            self._write(bytes(rest) + chunk[:cut])
+            rest.clear()
+        else:
+            self._write(chunk[:cut])
+        rest += chunk[cut:]
 
     def _write(self, data: bytes) -> None:
         out = relay_log.log
@@ -407,7 +427,7 @@ def main() -> int:
     cfg: Config = spec["config"]
     index = int(spec["index"])
     relay_log.configure(fmt=spec["log_format"], level=spec["log_level"],
-                        extra={"worker": index})
+                        extra={"worker": index}, coalesce=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):  # room for bursts of log lines
         fcntl.fcntl(sys.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
@@ -424,6 +444,7 @@ def main() -> int:
         event("fatal", level="error", error=message, exit=1, **fields)
         return 1
     finally:
+        relay_log.log.flush()
         control.close()
 
 

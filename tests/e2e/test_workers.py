@@ -15,15 +15,20 @@ processes are the subject, not DNS).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import smtplib
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.support.dnsprocs import free_port
 from tests.support.e2e import wait_for
 from tests.support.relayproc import RelayProc, split_received, start_relay
 from tests.support.smtpd import Destination, shared_port
@@ -33,9 +38,10 @@ PORT = shared_port([DEST_IP])
 SENDER = "alice@senderbox.test"
 
 
-def delivering(poll: str = "300s") -> dict[str, Any]:
+def delivering(metrics: str, poll: str = "300s") -> dict[str, Any]:
     return {
         "listener": {"workers": 2},
+        "metrics": {"listen": metrics},
         "dns": {"require_validating_resolver": False},
         "delivery": {"enabled": True, "port": PORT, "poll_interval": poll,
                      "connect_timeout": "2s"},
@@ -54,7 +60,8 @@ def test_two_workers_accept_concurrent_mail_and_all_of_it_is_delivered(
     dest = Destination(DEST_IP, PORT, starttls=False)
     dest.start()
     try:
-        with start_relay(tmp_path, **delivering()) as relay:
+        metrics = f"127.0.0.1:{free_port('127.0.0.1')}"
+        with start_relay(tmp_path, **delivering(metrics)) as relay:
             started = relay.events("listening", service="smtp")[0]
             assert started["workers"] == 2
             assert len(worker_pids(relay)) == 2
@@ -106,6 +113,20 @@ def test_two_workers_accept_concurrent_mail_and_all_of_it_is_delivered(
             got_at = time.monotonic()
             relay.wait_event("delivered", after=mark, id=rec["id"], timeout=20)
             assert time.monotonic() - got_at < 10, "delivered promptly, not at the next poll"
+
+            # health and metrics still see the listener and the workers' mail
+            env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+            health = subprocess.run(
+                [sys.executable, "-m", "relay", "health", "--json", "-c",
+                 str(relay.config_path)], env=env, capture_output=True, text=True,
+                timeout=60)
+            assert json.loads(health.stdout)["listener"] == {
+                "ok": True, "detail": f"the relay on {metrics} is listening on "
+                                      f"127.0.0.1:{relay.port}"}
+            with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            assert "relay_received_total 122.0" in text
+            assert "relay_delivered_total 122.0" in text
             assert relay.stop() == 0
         # one JSON object per line, whoever wrote it
         assert relay.lines and len(relay.lines) == len(relay.events_all)
