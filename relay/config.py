@@ -202,7 +202,7 @@ class ListenerConfig(_Section):
     """At the first SIGTERM, how long open transactions may take to finish (at most
     data_timeout) before the relay stops."""
     workers: int | Literal["auto"] = 1
-    """Intake processes. 1: the listener runs in the relay's one process. N > 1 (or
+    """Intake processes (1 to 31). 1: the listener runs in the relay's one process. N > 1 (or
     "auto": one per CPU the relay may use): N worker processes each listen on the same
     address and port (SO_REUSEPORT; the kernel spreads the connections) and commit to
     the queue themselves, while delivery, reporting, metrics and health stay in the main
@@ -214,8 +214,8 @@ class ListenerConfig(_Section):
         if self.reserved_connections is not None \
                 and self.reserved_connections >= self.max_connections:
             raise ValueError("reserved_connections must be smaller than max_connections")
-        if isinstance(self.workers, int) and not 1 <= self.workers <= 64:
-            raise ValueError("workers must be 1 to 64, or \"auto\"")
+        if isinstance(self.workers, int) and not 1 <= self.workers <= 31:
+            raise ValueError("workers must be 1 to 31, or \"auto\"")
         if self.data_memory_limit is not None \
                 and self.data_memory_limit < 2 * self.max_message_size:
             raise ValueError("data_memory_limit must be at least twice max_message_size "
@@ -226,9 +226,10 @@ class ListenerConfig(_Section):
     def effective_workers(self) -> int:
         if self.workers == "auto":
             try:
-                return max(1, len(os.sched_getaffinity(0)))
+                cpus = len(os.sched_getaffinity(0))
             except (AttributeError, OSError):
-                return max(1, os.cpu_count() or 1)
+                cpus = os.cpu_count() or 1
+            return max(1, min(cpus, 31))
         return self.workers
 
     @property

@@ -106,6 +106,7 @@ class WorkerPool:
                  tls: bool, auth: bool) -> None:
         self.cfg = cfg
         self.store = store
+        store.tag_ids(0)  # the workers' ids carry their numbers: no two are the same
         self.count = workers
         self.host = cfg.listener.host
         self.port = cfg.listener.port
@@ -381,6 +382,7 @@ async def _run_worker(cfg: Config, index: int, port: int, control: socket.socket
     tls: ssl.SSLContext | None = load_tls(lc)
     users = load_users(lc, tls)
     store = await open_store(cfg.queue, check=False, create=False)
+    store.tag_ids(index)  # the main process makes its ids (NDRs) with tag 0
     stop = asyncio.Event()
     try:
         hostname = lc.hostname or socket.getfqdn()

@@ -8,7 +8,8 @@ ASCII order is the numeric order), upper case:
 
 - `T`: microseconds since the Unix epoch (55 bits; enough until the year 3111),
 - `C`: a per-process counter (10 bits) for ids within the same microsecond,
-- `R`: 15 random bits, so that two processes never collide in practice.
+- `R`: 15 random bits, so that two processes never collide in practice; with a `tag`
+  (intake workers) the first of its characters is the tag and 10 bits are random.
 
 Within one process ids strictly increase (the clock is never allowed to go backwards
 for id purposes), so ids sort by arrival; across processes they sort by arrival to the
@@ -38,11 +39,18 @@ def _b32(value: int, width: int) -> str:
 
 
 class IdGenerator:
-    """Makes strictly increasing queue ids from the `now` it is given."""
+    """Makes strictly increasing queue ids from the `now` it is given.
 
-    def __init__(self) -> None:
+    `tag` (0-31): the first random character is fixed to it, so that processes writing
+    to one queue with different tags (the intake workers of one relay: relay.workers)
+    can never make the same id, also within the same microsecond."""
+
+    def __init__(self, tag: int | None = None) -> None:
+        if tag is not None and not 0 <= tag < 32:
+            raise ValueError("an id tag is 0 to 31")
         self._last_us = -1
         self._counter = 0
+        self._tag = tag
 
     def next(self, now: float) -> str:
         us = max(int(now * 1_000_000), 0)
@@ -55,11 +63,12 @@ class IdGenerator:
         else:
             self._counter = 0
         self._last_us = us
-        return (
-            _b32(us, _TS_CHARS)
-            + _b32(self._counter, _CTR_CHARS)
-            + _b32(secrets.randbits(5 * _RND_CHARS), _RND_CHARS)
-        )
+        if self._tag is None:
+            rnd = _b32(secrets.randbits(5 * _RND_CHARS), _RND_CHARS)
+        else:
+            rnd = ALPHABET[self._tag] + _b32(secrets.randbits(5 * (_RND_CHARS - 1)),
+                                             _RND_CHARS - 1)
+        return _b32(us, _TS_CHARS) + _b32(self._counter, _CTR_CHARS) + rnd
 
 
 def id_time(queue_id: str) -> float:

@@ -147,6 +147,11 @@ class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
         holder.append(store)
         return store
 
+    def tag_ids(self, tag: int) -> None:
+        """Queue ids made here from now on carry `tag` (relay.store.ids.IdGenerator):
+        processes sharing the queue with different tags never make the same id."""
+        self._ids = IdGenerator(tag)
+
     def _committed(self, inserted: bool) -> None:
         if inserted:
             self.new_work.set()
