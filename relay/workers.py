@@ -116,6 +116,7 @@ class WorkerPool:
         self._stopping = False
         self._failed: asyncio.Future[None] | None = None
         self._pause = 0.0
+        self._open: dict[Any, int] = {}  # worker number -> sessions open (with metrics)
 
     @property
     def bound(self) -> list[tuple[str, int]]:
@@ -327,9 +328,22 @@ class WorkerPool:
                 out.write(record)
             name = str(record.get("event", ""))
             fields = {k: v for k, v in record.items() if k not in ("ts", "level", "event")}
-            for observer in observers:
-                with contextlib.suppress(Exception):
-                    observer(name, fields)
+            if name in ("connect", "disconnect"):  # sessions open per worker
+                worker = fields.get("worker")
+                self._open[worker] = self._open.get(worker, 0) + (1 if name == "connect"
+                                                                  else -1)
+            self._observe(name, fields)
+
+    def _observe(self, name: str, fields: dict[str, Any]) -> None:
+        for observer in relay_log.observers:
+            with contextlib.suppress(Exception):
+                observer(name, fields)
+
+    def _sessions_lost(self, w: _Worker) -> None:
+        """A worker died: its open sessions went with it (no `disconnect` lines came):
+        the metrics' connection gauge is told so, the log is not."""
+        for _ in range(max(0, self._open.pop(w.index, 0))):
+            self._observe("disconnect", {"worker": w.index, "reason": "worker exited"})
 
     async def _watch(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
@@ -339,6 +353,9 @@ class WorkerPool:
                 f"intake worker {w.index} exited before it listened ({_status(code)})"))
             w.ready.exception()  # retrieved: the starter raises its own
         fields: dict[str, Any] = {"worker": w.index, "pid": proc.pid, **_status_fields(code)}
+        if w.tasks:  # its last lines first (the pipe's EOF)
+            await asyncio.wait([w.tasks[0]], timeout=5)
+        self._sessions_lost(w)
         if self._stopping:
             event("worker_exited", **fields)
             return

@@ -190,7 +190,8 @@ class QueuedSMTP(smtplib.SMTP):
 
 def test_kill_9_of_a_worker_loses_nothing_acknowledged_and_it_comes_back(
         tmp_path: Path) -> None:
-    with start_relay(tmp_path, listener={"workers": 2}) as relay:
+    metrics = f"127.0.0.1:{free_port('127.0.0.1')}"
+    with start_relay(tmp_path, listener={"workers": 2}, metrics={"listen": metrics}) as relay:
         traffic = Traffic(relay)
         threads = [threading.Thread(target=traffic.client, args=(i,), daemon=True)
                    for i in range(12)]
@@ -220,6 +221,13 @@ def test_kill_9_of_a_worker_loses_nothing_acknowledged_and_it_comes_back(
             traffic.stop.set()
             for t in threads:
                 t.join(20)
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as r:
+                return str(r.read().decode())
+
+        # the sessions cut by the kills are not counted as open for ever
+        wait_for(lambda: "relay_smtp_connections 0.0" in scrape(), 20, "no session open")
         assert relay.stop() == 0
         stored = relay.messages()
         with traffic.lock:
