@@ -309,7 +309,7 @@ async def serve(cfg: Config, source: str) -> int:
     # The queue's integrity check runs only after an unclean stop, and then in the
     # background (QueueWatch stops the relay if it finds damage): start-up time does not
     # grow with the depth of the queue.
-    store = await open_queue(cfg.queue)
+    store = await open_queue(cfg.queue, write_turns=cfg.listener.effective_workers > 1)
     try:
         app = App(build_components(cfg, store, tls=tls, users=users, trust=trust),
                   drain_timeout=cfg.listener.drain_timeout)
@@ -322,7 +322,7 @@ async def serve(cfg: Config, source: str) -> int:
 
 
 async def open_queue(queue: QueueConfig, *, wait: float = QUEUE_WAIT,
-                     every: float = QUEUE_RETRY) -> Store:
+                     every: float = QUEUE_RETRY, write_turns: bool = False) -> Store:
     """The configured queue for `serve`. A shared queue (PostgreSQL) that does not answer
     at start-up is tried again every `every` seconds for `wait` seconds, each failure one
     `queue_wait` warning naming it, before it is fatal: the database may be starting
@@ -331,7 +331,7 @@ async def open_queue(queue: QueueConfig, *, wait: float = QUEUE_WAIT,
     opened once (nothing to wait for); an error that is not unavailability (a schema
     newer than this relay) is fatal at once."""
     if not queue.url:
-        return await open_store(queue, check="auto")
+        return await open_store(queue, check="auto", write_turns=write_turns)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while True:

@@ -398,7 +398,7 @@ async def _run_worker(cfg: Config, index: int, port: int, control: socket.socket
     workers = cfg.listener.effective_workers
     tls: ssl.SSLContext | None = load_tls(lc)
     users = load_users(lc, tls)
-    store = await open_store(cfg.queue, check=False, create=False)
+    store = await open_store(cfg.queue, check=False, create=False, write_turns=True)
     store.tag_ids(index)  # the main process makes its ids (NDRs) with tag 0
     stop = asyncio.Event()
     try:

@@ -39,14 +39,14 @@ async def store_health(queue: QueueConfig) -> tuple[bool, str]:
 
 
 async def open_store(queue: QueueConfig, *, check: bool | str = True,
-                     create: bool = True) -> Store:
+                     create: bool = True, write_turns: bool = False) -> Store:
     """The configured queue: PostgreSQL when `queue.url` is set, else the SQLite file
-    (`check`: see Store.open; PostgreSQL answers for its own files)."""
+    (`check`, `write_turns`: see Store.open; PostgreSQL answers for its own files)."""
     if queue.url:
         return await Store.open_url(queue.url, commit_batch=queue.commit_batch,
                                     readers=queue.readers)
     return await Store.open(queue.path, commit_batch=queue.commit_batch, check=check,
-                            create=create, readers=queue.readers)
+                            create=create, readers=queue.readers, write_turns=write_turns)
 
 __all__ = [
     "Attempt",

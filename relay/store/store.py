@@ -113,6 +113,7 @@ class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
         check: bool | str = True,
         create: bool = True,
         readers: int = READERS,
+        write_turns: bool = False,
     ) -> Store:
         """Open (creating it and its folder if needed) and migrate a SQLite queue.
 
@@ -121,6 +122,8 @@ class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
         (relay.store.sqlite.integrity; `damaged()` reports what it finds); False: none.
         `create=False`: a missing file is an error instead of a new queue.
         `max_page_count`: a page limit for the writer (tests simulate a full disk).
+        `write_turns`: other processes of this relay write too (intake workers): the
+        writers take turns (relay.store.sqlite.backend.WriteTurns).
         """
         from relay.store.sqlite.backend import SqliteBackend
 
@@ -128,7 +131,8 @@ class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
         backend = await SqliteBackend.open(
             path, commit_batch=commit_batch, busy_timeout=busy_timeout,
             max_page_count=max_page_count, check=check, create=create, readers=readers,
-            on_commit=lambda inserted: holder[0]._committed(inserted) if holder else None)
+            on_commit=lambda inserted: holder[0]._committed(inserted) if holder else None,
+            write_turns=write_turns)
         store = cls(backend)
         holder.append(store)
         return store

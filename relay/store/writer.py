@@ -71,6 +71,18 @@ class Dialect(Protocol):
     async def close(self, raw: Any) -> None: ...
 
 
+class Turn(Protocol):
+    """Whose turn it is to write, among the processes writing to one SQLite file (the
+    intake workers of one relay: relay.workers). Taken before a batch is gathered, so
+    that the work piling up while another process commits goes into one transaction
+    (SQLite's own lock would let each process commit whatever it had when it began to
+    wait, and wake it by polling); given back after the COMMIT."""
+
+    async def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
 @dataclass
 class _Insert:
     message: tuple[Any, ...]
@@ -97,8 +109,10 @@ class Writer:
         *,
         batch_max: int,
         on_commit: Callable[[bool], None] | None = None,
+        turn: Turn | None = None,
     ) -> None:
         self._dialect = dialect
+        self._turn = turn
         self._conn: Any = conn
         self._batch_max = max(1, batch_max)
         self._on_commit = on_commit
@@ -174,6 +188,7 @@ class Writer:
             item = await self._queue.get()
             if item is _STOP:
                 break
+            turn = await self._take_turn()
             batch = [item]
             while len(batch) < self._batch_max and not self._queue.empty():
                 nxt = self._queue.get_nowait()
@@ -189,6 +204,20 @@ class Writer:
                         it.future.set_exception(self._dialect.storage_error(exc))
                 if isinstance(exc, asyncio.CancelledError):
                     raise
+            finally:
+                if turn is not None:
+                    turn.release()
+
+    async def _take_turn(self) -> Turn | None:
+        """The write turn (if any), or None when it cannot be had: it only orders the
+        processes; SQLite's own lock still keeps them apart."""
+        if self._turn is None:
+            return None
+        try:
+            await self._turn.acquire()
+        except OSError:
+            return None
+        return self._turn
 
     async def _run_batch(self, batch: Sequence[_Insert | _Op]) -> None:
         live = [it for it in batch if not it.future.cancelled()]

@@ -10,6 +10,7 @@ lets readers run beside the writer, and writes from two processes wait for each 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -84,6 +85,27 @@ class SqliteDialect:
         await raw.close()
 
 
+class WriteTurns:
+    """relay.store.writer.Turn across processes: an exclusive `flock` on `<db>-wlock`,
+    taken in a thread (it blocks while another process writes). The file holds nothing;
+    the lock goes with the process that holds it, also when it is killed."""
+
+    def __init__(self, db: Path) -> None:
+        self.path = db.with_name(db.name + "-wlock")
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    async def acquire(self) -> None:
+        await asyncio.to_thread(fcntl.flock, self._fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class SqliteBackend:
     kind = "sqlite"
     q = Q
@@ -102,11 +124,13 @@ class SqliteBackend:
         cls, path: str | os.PathLike[str], *, commit_batch: int = 512,
         busy_timeout: float = 5.0, max_page_count: int | None = None,
         check: bool | str = True, create: bool = True, readers: int = 4,
-        on_commit: Callable[[bool], None] | None = None,
+        on_commit: Callable[[bool], None] | None = None, write_turns: bool = False,
     ) -> SqliteBackend:
         """`check`: True runs `quick_check` before anything else (CorruptDatabase if it
         fails); "auto" is `relay serve`'s: only when the last run did not stop cleanly,
-        and then in the background (relay.store.sqlite.integrity); False: none."""
+        and then in the background (relay.store.sqlite.integrity); False: none.
+        `write_turns`: several processes of one relay write to the file (intake workers):
+        their writers take turns (WriteTurns) instead of polling SQLite's lock."""
         db = _prepare(Path(path), create)
         dialect = SqliteDialect(db, busy_timeout=busy_timeout, max_page_count=max_page_count)
         setup: aiosqlite.Connection | None = None
@@ -136,11 +160,20 @@ class SqliteBackend:
             if integrity is not None:
                 await integrity.close()
             raise errs.open_error(exc, db) from None
-        writer = Writer(dialect, conn, batch_max=commit_batch, on_commit=on_commit)
+        turns = None
+        if write_turns:
+            try:
+                turns = WriteTurns(db)
+            except OSError as exc:
+                await conn.close()
+                raise errs.open_error(exc, db) from None
+        writer = Writer(dialect, conn, batch_max=commit_batch, on_commit=on_commit,
+                        turn=turns)
         pool = Readers(lambda: schema.connect_reader(db, busy_timeout=busy_timeout), readers,
                        first=first)
         writer.start()
         backend = cls(dialect, writer, pool, integrity)
+        backend.turns = turns
         if integrity is not None:
             integrity.start(backend._damaged)
         return backend
@@ -165,11 +198,15 @@ class SqliteBackend:
         except (sqlite3.Error, ValueError) as exc:
             raise errs.storage_error(exc, self.path) from None
 
+    turns: WriteTurns | None = None
+
     async def close(self) -> None:
         try:
             await self.writer.close()
             await self._readers.close()
         finally:
+            if self.turns is not None:
+                self.turns.close()
             if self.integrity is not None:
                 await self.integrity.close()
 
