@@ -253,6 +253,9 @@ class WorkerPool:
             raise RelayError(f"intake worker {w.index} did not listen within "
                              f"{START_TIMEOUT:g}s") from None
         event("worker_started", worker=w.index, pid=proc.pid)
+        if self._stopping:  # restarted while the relay began to stop: drain it too
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
 
     def _on_control(self, w: _Worker) -> None:
         assert w.control is not None

@@ -289,3 +289,22 @@ def test_sigterm_drains_every_worker_before_the_main_process_exits(tmp_path: Pat
         assert all(e.get("code") == 0 for e in tail[:2])
         assert len(relay.messages()) == 6
         assert sessions  # the connects came from workers (every one names its worker)
+
+
+def test_workers_leave_when_the_main_process_is_killed(tmp_path: Path) -> None:
+    with start_relay(tmp_path, listener={"workers": 2}) as relay:
+        pids = list(worker_pids(relay).values())
+        with relay.smtp() as s:
+            s.sendmail(SENDER, ["r@example.com"], b"Subject: x\r\n\r\nhi\r\n")
+        relay.kill()  # kill -9 of the main process: the workers see their socket close
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and
+                                 "Z" not in _state(pid) for pid in pids),
+                 40, "the workers to exit")
+        assert len(relay.messages()) == 1
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
