@@ -93,6 +93,7 @@ class _Worker:
     control: socket.socket | None = None
     ready: asyncio.Future[None] | None = None
     started: float = 0.0
+    pause: float = 0.0  # before its next start, if it keeps dying young
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
@@ -115,7 +116,6 @@ class WorkerPool:
         self._held: list[socket.socket] = []  # bound, never listening: the port is ours
         self._stopping = False
         self._failed: asyncio.Future[None] | None = None
-        self._pause = 0.0
         self._open: dict[Any, int] = {}  # worker number -> sessions open (with metrics)
 
     @property
@@ -363,10 +363,10 @@ class WorkerPool:
             event("worker_exited", **fields)
             return
         lived = loop.time() - w.started
-        self._pause = 0.0 if lived >= YOUNG else min(MAX_PAUSE, max(1.0, self._pause * 2))
-        event("worker_exited", level="error", restart_in=self._pause, **fields)
-        if self._pause:
-            await asyncio.sleep(self._pause)
+        w.pause = 0.0 if lived >= YOUNG else min(MAX_PAUSE, max(1.0, w.pause * 2))
+        event("worker_exited", level="error", restart_in=w.pause, **fields)
+        if w.pause:
+            await asyncio.sleep(w.pause)
         if self._stopping:
             return
         self._close_control(w)

@@ -30,8 +30,12 @@ from typing import Any
 
 from tests.support.dnsprocs import free_port
 from tests.support.e2e import wait_for
+from tests.support.pgserver import PgServer
 from tests.support.relayproc import RelayProc, split_received, start_relay
 from tests.support.smtpd import Destination, shared_port
+from tests.support.stores import pg_server_fixture
+
+pg_server = pg_server_fixture()
 
 DEST_IP = "127.25.60.1"
 PORT = shared_port([DEST_IP])
@@ -308,3 +312,35 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "Z"
+
+
+def test_workers_on_a_postgresql_queue_deliver_everything(
+        tmp_path: Path, pg_server: PgServer) -> None:
+    """Each worker has its own connections to the shared queue; the main process
+    delivers what they committed, woken by them."""
+    url = pg_server.create_db(f"workers_{int(time.time() * 1000) % 10**9}")
+    dest = Destination(DEST_IP, PORT, starttls=False)
+    dest.start()
+    try:
+        sections = delivering(f"127.0.0.1:{free_port('127.0.0.1')}")
+        sections["queue"] = {"url": url, "node": "w"}
+        with start_relay(tmp_path, **sections) as relay:
+            def client(index: int) -> None:
+                with relay.smtp(timeout=30) as s:
+                    for n in range(5):
+                        s.sendmail(SENDER, [f"pg{index}-{n}@dest.test"],
+                                   b"Subject: pg\r\n\r\nx\r\n")
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            got = dest.wait_messages(40, timeout=40)  # poll_interval is 300 s
+            assert len({r for m in got for r in m.rcpt_tos}) == 40
+            received = wait_for(lambda: (lambda evs: evs if len(evs) >= 40 else None)(
+                relay.events("received")), 20, "every received event")
+            assert {e["worker"] for e in received} == {1, 2}
+            assert relay.stop() == 0
+    finally:
+        dest.stop()
