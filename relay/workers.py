@@ -417,13 +417,20 @@ async def _run_worker(cfg: Config, index: int, port: int, control: socket.socket
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
         async def notify() -> None:  # a commit that queued mail wakes the scheduler
-            while True:
-                await store.new_work.wait()
-                store.new_work.clear()
-                await loop.sock_sendall(control, NEW_MAIL)
+            try:
+                while True:
+                    await store.new_work.wait()
+                    store.new_work.clear()
+                    await loop.sock_sendall(control, NEW_MAIL)
+            except OSError:  # the main process is gone
+                stop.set()
 
         async def main_gone() -> None:
-            while await loop.sock_recv(control, 64):
+            """EOF, or ECONNRESET (it died with our bytes unread): drain and exit."""
+            try:
+                while await loop.sock_recv(control, 64):
+                    pass
+            except OSError:
                 pass
             stop.set()
 
