@@ -24,9 +24,11 @@ from relay import log
 from relay.errors import CorruptMessage, NotFound, RelayError, StoreError
 from relay.model import Envelope
 from relay.store.bulk import BulkChanges
+from relay.store.cluster import ClusterStore
 from relay.store.conn import Conn, Op
 from relay.store.ids import IdGenerator, last_id_at, recipient_domain
-from relay.store.records import Job, JobResult, build_jobs
+from relay.store.outcomes import OutcomeRecords, Pending
+from relay.store.records import Job, build_jobs
 from relay.store.sqlfiles import Queries
 from relay.store.sts import StsStore
 from relay.store.tlsrpt import TlsRptStore
@@ -39,13 +41,6 @@ READERS = 4  # read connections per process (reads run side by side, one caller 
 HASH_IN_THREAD = 1 << 20  # bodies larger than this are hashed off the event loop
 ID_CLOCK_SLACK = 60.0  # seconds a queue id's time may be later than its received_at
 CLAIM_WINDOW = 20_000  # due rows a claim looks at (per kind) behind domains at their limit
-_MSG_COLS = ("id", "sender", "received_at", "size", "body", "headers", "smtputf8",
-             "body_8bit", "client_ip", "client_helo", "auth_user", "extra", "held",
-             "requiretls", "body_sha256", "held_reason")
-_RCPT_COLS = ("message_id", "address", "domain", "status", "attempts", "next_attempt_at",
-              "code", "reply", "updated_at", "ndr_state", "warned_at")
-_ATT_COLS = ("message_id", "address", "at", "mx", "ip", "dnssec", "tlsa", "tls", "dane",
-             "code", "reply", "policy")
 
 
 def header_section(body: bytes) -> bytes:
@@ -65,9 +60,6 @@ async def _digest(body: bytes) -> bytes:
     return body_digest(body)
 
 
-_Pending = tuple[list[JobResult], float, str | None, "asyncio.Future[None]"]
-
-
 class _AlreadyDone(RelayError):
     """A notice's recipients were marked by someone else first (rolls back its insert)."""
 
@@ -85,7 +77,7 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
-class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
+class Store(TlsRptStore, StsStore, StoreViews, BulkChanges, OutcomeRecords, ClusterStore):
     """Open with `await Store.open(path)` (SQLite), `await Store.open_url(url)`
     (PostgreSQL) or `await open_store(queue_config)`; close with `await store.close()`."""
 
@@ -97,7 +89,7 @@ class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
         self._ids = IdGenerator()
         self.new_work = asyncio.Event()  # set after new mail commits (and retry/release)
         self._closed = False
-        self._records: list[_Pending] = []  # record() calls waiting for the writer
+        self._records: list[Pending] = []  # record() calls waiting for the writer
         self._record_queued = False
 
     # --- life cycle ---------------------------------------------------------------------
@@ -426,81 +418,6 @@ class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
             raise NotFound(f"no message with queue id {message_id}")
         return bytes(row[0])
 
-    async def record(self, results: Iterable[JobResult], *, now: float,
-                     owner: str | None = None) -> None:
-        """Write the outcome of jobs: recipient states, trace rows; returns after COMMIT.
-
-        Leases are cleared; a recipient that is already final is not changed (work
-        whose lease expired may have been done twice); the body of a message goes when
-        all its recipients are final. With `owner` the write is fenced: only recipients
-        still leased to `owner` change, and only their trace is kept.
-
-        Calls that come while one is waiting for the writer are merged: every outcome
-        recorded until the transaction begins goes into one statement per kind (as
-        intake merges its inserts), in the same group commit; all of them return (or
-        fail) together.
-        """
-        fut = asyncio.get_running_loop().create_future()
-        self._records.append((list(results), now, owner, fut))
-        if not self._record_queued:
-            self._record_queued = True
-            taken: list[_Pending] = []
-            try:
-                wfut = self._writer.submit(prepare=lambda: self._record_op(taken))
-            except BaseException:
-                self._record_queued = False
-                self._records.remove(self._records[-1])
-                raise
-            wfut.add_done_callback(lambda f: self._recorded(f, taken))
-        await fut
-
-    def _record_op(self, taken: list[_Pending]) -> Op:
-        """Take every pending record (on the event loop, when the transaction begins)."""
-        taken += self._records
-        self._records = []
-        self._record_queued = False
-        updates = [
-            {"id": u.recipient_id, "status": str(u.status), "code": u.code, "reply": u.reply,
-             "next_attempt_at": u.next_attempt_at, "attempts": u.attempts,
-             "ndr_state": u.ndr_state, "warned_at": u.warned_at, "now": now,
-             "owner": owner}
-            for results, now, owner, _ in taken for res in results for u in res.updates
-        ]
-        traces = [
-            {"recipient_id": a.recipient_id, "at": a.at, "mx": a.mx, "ip": a.ip,
-             "dnssec": a.dnssec, "tlsa": a.tlsa, "tls": a.tls, "dane": a.dane,
-             "code": a.code, "reply": a.reply, "policy": a.policy, "owner": owner}
-            for results, _, owner, _ in taken for res in results for a in res.attempts
-        ]
-        ids = json.dumps(sorted({res.message_id for results, *_ in taken for res in results}))
-        now = max(t[1] for t in taken)
-        Q = self._q
-
-        async def op(conn: Conn) -> None:
-            if traces:
-                await conn.executemany(Q.insert_attempt, traces)
-            if updates:
-                await conn.executemany(Q.record_recipient, updates)
-            await conn.execute(Q.finish_messages, {"ids": ids, "now": now})
-
-        return op
-
-    def _recorded(self, wfut: asyncio.Future[Any], taken: list[_Pending]) -> None:
-        if not taken:  # the batch failed before the transaction began: nothing was taken
-            taken += self._records
-            self._records = []
-            self._record_queued = False
-        error = None if wfut.cancelled() else wfut.exception()
-        for *_, fut in taken:
-            if fut.done():
-                continue
-            if wfut.cancelled():
-                fut.cancel()
-            elif error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(None)
-
     async def set_ndr_state(self, recipient_ids: Iterable[int], state: str, *,
                             now: float) -> None:
         rows = [{"id": rid, "ndr_state": state, "now": now} for rid in recipient_ids]
@@ -537,109 +454,6 @@ class Store(TlsRptStore, StsStore, StoreViews, BulkChanges):
             "before": before, "before_id": last_id_at(before + ID_CLOCK_SLACK),
             "limit": limit})
         return [r[0] for r in rows]
-
-    # --- moving mail between queues -------------------------------------------------
-
-    async def import_from(self, source: Store, *, batch: int = 200,
-                          progress: Callable[[int, int], None] | None = None
-                          ) -> tuple[int, int]:
-        """Move the mail with work left from `source` into this store (`relay queue
-        import`): messages, bodies, recipients with their state and plan, and the trace.
-        Leases are not moved (the source's node is gone). Each batch is committed here
-        before it is deleted from `source`, so a crash in between leaves a copy in both
-        (moved again later: a message already here is skipped), never in neither.
-        Returns (messages moved, recipients moved)."""
-        moved = recipients = 0
-        after: str | None = ""
-        while after is not None:
-            n_msgs, n_rcpts, after = await self._import_page(source, after, batch)
-            moved += n_msgs
-            recipients += n_rcpts
-            if n_msgs:
-                self.new_work.set()
-            if progress is not None:
-                progress(moved, recipients)
-        return moved, recipients
-
-    async def _import_page(self, source: Store, after: str, batch: int
-                           ) -> tuple[int, int, str | None]:
-        src, dst = source._q, self._q
-
-        async def export(conn: Conn) -> tuple[list[Any], list[Any], list[Any]]:
-            msgs = await conn.fetchall(src.export_messages, {"after": after, "limit": batch})
-            ids = json.dumps([m[0] for m in msgs])
-            return (msgs, await conn.fetchall(src.export_recipients, {"ids": ids}),
-                    await conn.fetchall(src.export_attempts, {"ids": ids}))
-
-        msgs, rcpts, atts = await source._read(export)
-        if not msgs:
-            return 0, 0, None
-
-        async def load(conn: Conn) -> tuple[int, int]:
-            new: set[str] = set()
-            for m in msgs:
-                row = dict(zip(_MSG_COLS, m, strict=True))
-                if await conn.fetchone(dst.import_message, row) is not None:
-                    new.add(m[0])
-            rows = [dict(zip(_RCPT_COLS, r, strict=True)) for r in rcpts if r[0] in new]
-            await conn.executemany(dst.import_recipient, rows)
-            await conn.executemany(dst.import_attempt, [
-                dict(zip(_ATT_COLS, a, strict=True)) for a in atts if a[0] in new])
-            return len(new), len(rows)
-
-        n_msgs, n_rcpts = await self._writer.run(load)
-        ids = json.dumps([m[0] for m in msgs])
-
-        async def drop(conn: Conn) -> None:  # only once the copy here is committed
-            await conn.execute(src.export_delete, {"ids": ids})
-
-        await source._writer.run(drop)
-        return n_msgs, n_rcpts, str(msgs[-1][0])
-
-    # --- cluster ------------------------------------------------------------------------
-
-    async def singleton(self, name: str, owner: str, *, now: float, ttl: float) -> bool:
-        """Take (or renew) the named lease for `ttl` seconds: True while `owner` holds it.
-        Work that must run once per cluster runs only on the holder."""
-
-        async def op(conn: Conn) -> bool:
-            return await conn.fetchone(self._q.singleton_take, {
-                "name": name, "owner": owner, "now": now, "ttl": ttl}) is not None
-
-        return bool(await self._writer.run(op))
-
-    async def release_singleton(self, name: str, owner: str) -> None:
-        async def op(conn: Conn) -> None:
-            await conn.execute(self._q.singleton_release, {"name": name, "owner": owner})
-
-        await self._writer.run(op)
-
-    async def singletons(self) -> list[tuple[str, str, float]]:
-        return [(r[0], r[1], r[2]) for r in await self._fetchall(self._q.singleton_list)]
-
-    async def node_seen(self, owner: str, node: str, *, started_at: float, now: float
-                        ) -> None:
-        """A node's heartbeat (operators see the nodes of a shared queue)."""
-        params = {"owner": owner, "node": node, "started_at": started_at, "now": now}
-
-        async def op(conn: Conn) -> None:
-            await conn.execute(self._q.node_seen, params)
-
-        await self._writer.run(op)
-
-    async def forget_nodes(self, *, before: float) -> int:
-        """Drop the nodes not seen since `before` (`relay queue nodes` forgets them)."""
-
-        async def op(conn: Conn) -> int:
-            return await conn.execute(self._q.node_forget, {"before": before})
-
-        return int(await self._writer.run(op))
-
-    async def nodes(self, *, now: float) -> list[dict[str, Any]]:
-        """The nodes seen, with how long ago (by the database's clock where it has one)."""
-        rows = await self._fetchall(self._q.node_list, {"now": now})
-        return [{"owner": r[0], "node": r[1], "started_at": r[2], "seen_at": r[3],
-                 "seen_ago": max(0.0, r[4] - r[3])} for r in rows]
 
     # --- operator -----------------------------------------------------------------------
 

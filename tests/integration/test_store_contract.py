@@ -7,16 +7,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from relay.errors import CorruptMessage, NotFound, StorageUnavailable, StoreError
-from relay.model import Envelope
 from relay.model import RecipientStatus as S
 from relay.store import AttemptTrace, JobResult, RecipientUpdate, Store
+from tests.support.envelopes import BODY, ISO, T0, env
 from tests.support.stores import (
     BACKENDS,
     StoreClock,
@@ -25,16 +24,6 @@ from tests.support.stores import (
     raw,
     store_fixture,
 )
-
-T0 = 1_795_000_000.0  # a fixed "now" (2026-11-18); the store never reads the clock
-BODY = b"From: a@example.org\r\nSubject: test\r\n\r\n" + b"x" * 5000 + b"\r\n"
-ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-
-
-def env(*rcpts: str, sender: str = "alice@example.org", body: bytes = BODY) -> Envelope:
-    return Envelope(sender=sender, recipients=rcpts, body=body, client_ip="192.0.2.7",
-                    client_helo="mail.example.org")
-
 
 pg_server = pg_server_fixture()
 store = store_fixture()

@@ -19,20 +19,11 @@ from pathlib import Path
 import pytest
 
 from relay.errors import CorruptDatabase, NotFound, StorageFull, StorageUnavailable, StoreError
-from relay.model import Envelope
 from relay.store import Store
 from relay.store.ids import ID_LENGTH, IdGenerator, id_time, looks_like_id, recipient_domain
 from relay.store.sqlfiles import Migration, migrations, parse_queries
 from relay.store.sqlite import schema
-
-T0 = 1_795_000_000.0  # a fixed "now" (2026-11-18); the store never reads the clock
-BODY = b"From: a@example.org\r\nSubject: test\r\n\r\n" + b"x" * 5000 + b"\r\n"
-ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-
-
-def env(*rcpts: str, sender: str = "alice@example.org", body: bytes = BODY) -> Envelope:
-    return Envelope(sender=sender, recipients=rcpts, body=body, client_ip="192.0.2.7",
-                    client_helo="mail.example.org")
+from tests.support.envelopes import BODY, T0, env
 
 
 @pytest.fixture
