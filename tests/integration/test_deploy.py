@@ -327,9 +327,13 @@ class _Postgres:
         self.root = root
         self.host = random_addr()
         self.port = free_port(self.host)
+        # copies in the temporary folder: the checkout may be in a folder the postgres
+        # user cannot enter (a clone under /root, or in a mode 700 temporary folder)
+        for name in ("entrypoint.sh", "pg_hba.conf"):
+            shutil.copy(PG_DIR / name, root / name)
         conf = (PG_DIR / "postgresql.conf").read_text()
         conf = conf.replace("'/etc/postgresql/dane-relay/pg_hba.conf'",
-                            f"'{PG_DIR / 'pg_hba.conf'}'")
+                            f"'{root / 'pg_hba.conf'}'")
         conf = conf.replace("'/run/postgresql'", f"'{root}'")
         (root / "postgresql.conf").write_text(conf)
         self.proc: subprocess.Popen[str] | None = None
@@ -341,7 +345,7 @@ class _Postgres:
         if password is not None:
             env["DANE_RELAY_DB_PASSWORD"] = password
         argv = ["runuser", "-u", "postgres", "--", "env", *[f"{k}={v}" for k, v in env.items()],
-                "sh", str(PG_DIR / "entrypoint.sh"),
+                "sh", str(self.root / "entrypoint.sh"),
                 "-c", f"listen_addresses={self.host}", "-c", f"port={self.port}"]
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
